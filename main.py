@@ -1,0 +1,663 @@
+"""User records over HTTP: FastAPI in front of MySQL, MariaDB or SQLite.
+
+The file reads in the order a request meets it:
+  1. database: engine, connection dependency, the one place statements run
+  2. lifespan: engine created per worker, schema and demo data in development
+  3. middleware: access log with request ids, API keys, rate limit
+  4. errors: every 4xx and 5xx as application/problem+json
+  5. schemas and routes: /health, then /api/v1/users in CRUD order
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from importlib.resources import files
+from typing import Annotated, Any
+
+from email_validator import EmailNotValidError, validate_email
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRouter
+from fastapi.security import HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints, field_validator
+from pydantic.json_schema import SkipJsonSchema
+from sqlalchemy import CursorResult, Executable, delete, event, func, insert, select, update
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models import Base, User
+from settings import settings
+
+log = logging.getLogger("users")
+access_log = logging.getLogger("users.access")
+
+
+# --- Database ------------------------------------------------------------------------------
+
+def create_engine() -> AsyncEngine:
+    """Create the engine; each worker process calls this once, in its lifespan."""
+    is_sqlite = settings.database_url.startswith("sqlite")
+    engine = create_async_engine(
+        settings.database_url,
+        # Every route writes with one statement, so each statement is its own transaction.
+        # That saves the COMMIT round trip, and a connection never goes back to the pool
+        # inside a transaction, which is what makes skipping the reset below safe.
+        isolation_level="AUTOCOMMIT",
+        # The default reset is a ROLLBACK round trip on every return to the pool.
+        pool_reset_on_return=None,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_recycle=settings.db_pool_recycle,
+        pool_timeout=settings.db_pool_timeout,
+        connect_args=(
+            {"timeout": settings.db_timeout}
+            if is_sqlite
+            else {"connect_timeout": settings.db_timeout, "charset": "utf8mb4"}
+        ),
+    )
+    watch_pool(engine)
+    return engine
+
+
+# A connection that sat idle this long is pinged before use: the server (wait_timeout) or a
+# proxy may have closed it. Busy connections skip the ping and its round trip.
+IDLE_PING_AFTER = 2.0
+# How often a saturated pool is reported, at most.
+SATURATION_LOG_INTERVAL = 10.0
+
+
+def watch_pool(engine: AsyncEngine) -> None:
+    """Ping connections that were idle, and warn when the pool is saturated and requests queue."""
+    pool = engine.sync_engine.pool
+    capacity = settings.db_pool_size + settings.db_max_overflow
+    last_warning = 0.0
+
+    @event.listens_for(pool, "checkin")
+    def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(pool, "checkout")
+    def on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+        nonlocal last_warning
+        now = time.monotonic()
+        if now - record.info.get("idle_since", now) > IDLE_PING_AFTER:
+            try:
+                engine.dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                # The pool discards this connection and checks out another.
+                raise DisconnectionError("idle connection was closed") from exc
+        if pool.checkedout() >= capacity and now - last_warning > SATURATION_LOG_INTERVAL:  # type: ignore[attr-defined]
+            last_warning = now
+            log.warning(
+                "database pool saturated: %d of %d connections in use; requests are queueing "
+                "(raise DB_POOL_SIZE or WEB_CONCURRENCY within the server's max_connections)",
+                pool.checkedout(),  # type: ignore[attr-defined]
+                capacity,
+            )
+
+
+def pool_status(engine: AsyncEngine) -> dict[str, int]:
+    pool: Any = engine.pool
+    return {
+        "size": pool.size(),
+        "checked_out": pool.checkedout(),
+        "overflow": max(pool.overflow(), 0),
+        "max_overflow": settings.db_max_overflow,
+    }
+
+
+async def connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    """Lend a pooled connection to one route; it goes back as soon as the route returns."""
+    async with request.state.engine.connect() as conn:
+        yield conn
+
+
+# scope="function": return the connection when the route returns, not after the response
+# has been sent to a client that may be slow to read it.
+ConnDep = Annotated[AsyncConnection, Depends(connection, scope="function")]
+
+
+async def execute(conn: AsyncConnection, statement: Executable, *, retry: bool = False) -> CursorResult[Any]:
+    """Run one statement within DB_TIMEOUT.
+
+    With retry=True (reads, and writes that are safe to repeat) a connection that turns out
+    to be dead (killed by the server, cut by the network) is replaced and the statement run
+    once more. Raises TimeoutError or DBAPIError, which the handlers answer 503.
+    """
+    try:
+        async with asyncio.timeout(settings.db_timeout):
+            return await conn.execute(statement)
+    except TimeoutError:
+        # A statement cut off mid-answer leaves the connection unusable: never pool it again.
+        await conn.invalidate()
+        raise
+    except DBAPIError as exc:
+        if not (retry and exc.connection_invalidated):
+            raise
+    await conn.rollback()  # clears the invalidated connection; the next statement checks out a new one
+    async with asyncio.timeout(settings.db_timeout):
+        return await conn.execute(statement)
+
+
+# --- Lifespan ------------------------------------------------------------------------------
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler()
+    if settings.environment == "production":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("users")
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+    root.propagate = False
+
+
+DEMO_USERS = [
+    ("ada@example.com", "Ada Lovelace"),
+    ("grace@example.com", "Grace Hopper"),
+    ("alan@example.com", "Alan Turing"),
+]
+
+
+async def create_schema_and_demo_users(engine: AsyncEngine) -> None:
+    """Create the table if missing; a fresh database gets a few demo users."""
+    async with engine.connect() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+        if await conn.scalar(select(func.count()).select_from(User)) == 0:
+            now = datetime.now(UTC)
+            await conn.execute(
+                insert(User),
+                [
+                    {"email": e, "email_key": e.lower(), "name": n, "is_active": True,
+                     "created_at": now, "updated_at": now, "version": 1}
+                    for e, n in DEMO_USERS
+                ],
+            )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    configure_logging()
+    if not settings.api_keys:
+        log.warning("!!! API_KEYS is empty: /api/v1 is open to anyone (development only) !!!")
+    engine = create_engine()
+    if settings.environment == "development":
+        await create_schema_and_demo_users(engine)
+    try:
+        yield {"engine": engine}
+    finally:
+        await engine.dispose()
+
+
+# --- The app and its middleware ----------------------------------------------------------
+
+DOCS = settings.docs_enabled if settings.docs_enabled is not None else settings.environment == "development"
+
+app = FastAPI(
+    title="Users API",
+    version="1.0.0",
+    lifespan=lifespan,
+    max_body_size=settings.max_body_size,
+    # Served below from local files: the CDN pages FastAPI links by default need the internet.
+    docs_url=None,
+    redoc_url=None,
+)
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """An RFC 9457 problem document."""
+    body = {"type": "about:blank", "title": PHRASES.get(status, "Error"), "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status, headers, media_type="application/problem+json")
+
+
+PHRASES = {
+    400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+    409: "Conflict", 412: "Precondition Failed", 413: "Content Too Large", 422: "Unprocessable Content",
+    429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
+}
+
+SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+class AccessLogMiddleware:
+    """Tag every response with X-Request-ID and log one line per request.
+
+    Also the last line of defence: an unhandled exception is logged here with its traceback
+    and answered as a bare 500 problem, never with the traceback.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        request_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        if not SANE_REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex.encode()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id.decode())
+            if status:  # the answer had begun; the server cuts the connection
+                raise
+            await problem(500, "The server failed to answer; the error is logged.")(scope, receive, send_with_id)
+        finally:
+            access_log.info(
+                "%s %s %d %.1fms %s",
+                scope["method"], scope["path"], status, (time.perf_counter() - start) * 1000, request_id.decode(),
+            )
+
+
+class ApiKeyMiddleware:
+    """Answer 401 to /api/ requests without a valid bearer key, before anything else is read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.keys = [key.get_secret_value().encode() for key in settings.api_keys]
+
+    def authorized(self, scope: Scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, key = header.partition(b" ")
+        # Every key is compared, in constant time, so timing tells nothing about any of them.
+        matches = [hmac.compare_digest(key.strip(), k) for k in self.keys]
+        return scheme.lower() == b"bearer" and any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.keys and scope["type"] == "http" and scope["path"].startswith("/api/") and not self.authorized(scope):
+            response = problem(401, "A valid API key is required: Authorization: Bearer <key>.",
+                               {"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class LocalRateLimiter:
+    """GCRA (a leaky bucket kept as one timestamp per client) in this process's memory."""
+
+    def __init__(self, limit: int, window: int) -> None:
+        self.window = float(window)
+        self.interval = window / limit
+        self.tat: dict[str, float] = {}  # theoretical arrival time of the next request
+
+    def hit(self, key: str) -> tuple[bool, int, int]:
+        """Count one request; return (allowed, remaining, seconds until the quota is full again)."""
+        now = time.monotonic()
+        tat = max(self.tat.get(key, now), now)
+        if tat + self.interval - now > self.window:
+            return False, 0, math.ceil(tat + self.interval - now - self.window)
+        self.tat[key] = tat + self.interval
+        remaining = int((self.window - (tat + self.interval - now)) / self.interval)
+        return True, remaining, math.ceil(tat + self.interval - now)
+
+
+class RateLimitMiddleware:
+    """Limit requests per client address; 429 with Retry-After, and the IETF RateLimit headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.limiter = LocalRateLimiter(settings.rate_limit, settings.rate_limit_window)
+        self.policy = f'"default";q={settings.rate_limit};w={settings.rate_limit_window}'.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # /health is for load balancers and orchestrators, which poll it on a schedule.
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        # The server has already replaced the peer with X-Forwarded-For from trusted proxies only.
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        allowed, remaining, reset = self.limiter.hit(client)
+        headers = [
+            (b"ratelimit-policy", self.policy),
+            (b"ratelimit", f'"default";r={remaining};t={reset}'.encode()),
+        ]
+        if not allowed:
+            response = problem(429, "Too many requests from this address; retry later.",
+                               {"Retry-After": str(reset)})
+            response.raw_headers.extend(headers)
+            return await response(scope, receive, send)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# add_middleware puts each one outside the last: a request meets the access log first.
+app.add_middleware(RateLimitMiddleware)
+app.add_middleware(ApiKeyMiddleware)
+app.add_middleware(AccessLogMiddleware)
+
+
+# --- Errors ------------------------------------------------------------------------------
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != PHRASES.get(exc.status_code) else {
+        404: "There is nothing at this path.",
+        405: f"{request.method} is not allowed here.",
+        413: f"The request body is larger than {settings.max_body_size} bytes.",
+    }.get(exc.status_code, str(exc.detail))
+    return problem(exc.status_code, detail, exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    return problem(422, "The request is not valid; see errors.", errors=errors)
+
+
+@app.exception_handler(TimeoutError)
+@app.exception_handler(PoolTimeoutError)
+@app.exception_handler(DBAPIError)
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """Answer 503 when the database is unreachable, too slow, or dropped the connection."""
+    if isinstance(exc, DBAPIError) and not (
+        isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
+    ):
+        raise exc  # a bug, not an outage: AccessLogMiddleware logs it and answers 500
+    log.error("database unavailable: %s: %s", type(exc).__name__, exc)
+    return problem(503, "The database is not answering; retry shortly.", {"Retry-After": "1"})
+
+
+# --- Schemas -----------------------------------------------------------------------------
+
+def normalize_email(value: str) -> str:
+    """Check the syntax; lower-case the domain and keep the local part as given."""
+    try:
+        validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(str(exc)) from None
+    local, _, domain = value.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+Email = Annotated[str, StringConstraints(max_length=254), AfterValidator(normalize_email),
+                  Field(examples=["ada@example.com"])]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+                 Field(examples=["Ada Lovelace"])]
+# RFC 3339 with the offset, always six fractional digits (pydantic drops them when zero).
+Timestamp = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(timespec="microseconds"), return_type=str)]
+UserId = Annotated[int, Path(ge=1, le=2**63 - 1, description="A positive 64-bit integer.")]
+
+
+class UserCreate(BaseModel):
+    # strict: JSON types must match (no "yes" for true); extra="forbid": no mass assignment.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    email: Email
+    name: Name
+    is_active: bool = True
+
+
+class UserUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # Optional, but null is not a value: SkipJsonSchema keeps null out of the schema, and the
+    # validator below rejects it.
+    email: Email | SkipJsonSchema[None] = None
+    name: Name | SkipJsonSchema[None] = None
+    is_active: bool | SkipJsonSchema[None] = None
+
+    @field_validator("email", "name", "is_active", mode="before")
+    @classmethod
+    def not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("may be left out, but not null")
+        return value
+
+
+class UserOut(BaseModel):
+    id: int
+    email: str
+    name: str
+    is_active: bool
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class Page(BaseModel):
+    items: list[UserOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class Problem(BaseModel):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": Problem, "description": PHRASES[s], "content": {"application/problem+json": {}}}
+            for s in statuses}
+
+
+# --- Routes ------------------------------------------------------------------------------
+
+@app.get("/health", responses=problem_responses(503))
+async def health(request: Request) -> JSONResponse:
+    """Report whether the database answers within DB_TIMEOUT, and the pool's figures."""
+    engine = request.state.engine
+    try:
+        async with engine.connect() as conn:
+            await execute(conn, select(1))
+    except (TimeoutError, PoolTimeoutError, DBAPIError) as exc:
+        log.error("health check: database unavailable: %s", type(exc).__name__)
+        return problem(503, "The database is not answering.", {"Retry-After": "1"},
+                       checks={"database": "unavailable"}, pool=pool_status(engine))
+    return JSONResponse({"status": "ok", "checks": {"database": "ok"}, "pool": pool_status(engine)})
+
+
+if DOCS:
+    # Swagger UI and ReDoc assets ship in the fastapi-offline wheel; no CDN needed.
+    app.mount("/static", StaticFiles(directory=str(files("fastapi_offline") / "static")), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="Users API",
+            swagger_js_url="/static/swagger-ui-bundle.js", swagger_css_url="/static/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="Users API",
+                              redoc_js_url="/static/redoc.standalone.js", redoc_favicon_url="/static/favicon.png")
+
+
+# The key check itself is ApiKeyMiddleware (it must run before the body is read); this
+# declares the scheme in the OpenAPI schema so Swagger UI's "Authorize" button works.
+bearer = HTTPBearer(auto_error=False, description="One of the keys in API_KEYS.")
+api = APIRouter(
+    prefix="/api/v1",
+    tags=["users"],
+    dependencies=[Security(bearer)],
+    responses=problem_responses(401, 422, 429, 503),
+)
+
+COLUMNS = (User.id, User.email, User.email_key, User.name, User.is_active, User.created_at,
+           User.updated_at, User.version)
+
+
+def etag(user: dict[str, Any]) -> str:
+    return f'"{user["version"]}"'
+
+
+def parse_if_match(header: str | None) -> set[str] | None:
+    """The strong entity tags in If-Match ("*" included); None when the header is absent."""
+    if header is None:
+        return None
+    return {tag.strip() for tag in header.split(",") if not tag.strip().startswith("W/")}
+
+
+def encode_cursor(last_id: int) -> str:
+    return urlsafe_b64encode(last_id.to_bytes(8, "big", signed=True)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    # The pattern on the parameter admits exactly the strings this decodes (8 bytes).
+    return int.from_bytes(urlsafe_b64decode(cursor + "="), "big", signed=True)
+
+
+async def fetch_user(conn: AsyncConnection, user_id: int) -> dict[str, Any]:
+    """Read one user as a dict; raise 404 when there is none."""
+    row = (await execute(conn, select(*COLUMNS).where(User.id == user_id), retry=True)).first()
+    if row is None:
+        raise HTTPException(404, f"User {user_id} does not exist")
+    return row._asdict()
+
+
+@api.get("/users", response_model=Page)
+async def list_users(
+    conn: ConnDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]$",
+                                        description="`next_cursor` of the previous page.")] = None,
+) -> dict[str, Any]:
+    """List users in ascending id order, one keyset page at a time."""
+    statement = select(*COLUMNS).order_by(User.id).limit(limit + 1)
+    if cursor is not None:
+        statement = statement.where(User.id > decode_cursor(cursor))
+    rows = (await execute(conn, statement, retry=True)).all()
+    items = [row._asdict() for row in rows[:limit]]
+    return {"items": items, "next_cursor": encode_cursor(items[-1]["id"]) if len(rows) > limit else None}
+
+
+@api.get("/users/{user_id}", response_model=UserOut, responses=problem_responses(404))
+async def get_user(user_id: UserId, conn: ConnDep, response: Response) -> dict[str, Any]:
+    """Return one user, with its ETag."""
+    user = await fetch_user(conn, user_id)
+    response.headers["ETag"] = etag(user)
+    return user
+
+
+@api.post("/users", status_code=201, response_model=UserOut, responses=problem_responses(409, 413))
+async def create_user(new: UserCreate, conn: ConnDep, response: Response) -> dict[str, Any]:
+    """Create a user; 409 when the email is taken, decided by the unique index."""
+    now = datetime.now(UTC)
+    user = {**new.model_dump(), "email_key": new.email.lower(), "created_at": now, "updated_at": now, "version": 1}
+    try:
+        result = await execute(conn, insert(User).values(**user))
+    except IntegrityError:
+        raise HTTPException(409, f"The email {new.email} is already taken") from None
+    user["id"] = result.inserted_primary_key[0]
+    response.headers["Location"] = f"/api/v1/users/{user['id']}"
+    response.headers["ETag"] = etag(user)
+    return user
+
+
+@api.patch("/users/{user_id}", response_model=UserOut, responses=problem_responses(404, 409, 412, 413))
+async def update_user(
+    user_id: UserId,
+    changes: UserUpdate,
+    conn: ConnDep,
+    response: Response,
+    if_match: Annotated[str | None, Header(description="Update only if the user's ETag is one of these.")] = None,
+) -> dict[str, Any]:
+    """Change the given fields; with If-Match, only if the user is still at that version.
+
+    The UPDATE is a compare-and-swap on the version that was read, so of two writers that
+    read the same version exactly one succeeds. Without If-Match the loser reads again and
+    retries (last write wins); with it, the loser gets 412.
+    """
+    wanted = changes.model_dump(exclude_unset=True)
+    if "email" in wanted:
+        wanted["email_key"] = wanted["email"].lower()
+    tags = parse_if_match(if_match)
+    while True:
+        user = await fetch_user(conn, user_id)
+        if tags is not None and "*" not in tags and etag(user) not in tags:
+            raise HTTPException(412, f"User {user_id} has changed: its ETag is now {etag(user)}")
+        changed = {field: value for field, value in wanted.items() if user[field] != value}
+        if not changed:  # not an update: same updated_at, same ETag
+            break
+        now = datetime.now(UTC)
+        try:
+            result = await execute(
+                conn,
+                update(User)
+                .where(User.id == user_id, User.version == user["version"])
+                .values(**changed, updated_at=now, version=user["version"] + 1),
+                # Safe to repeat: if the first try landed, the version no longer matches
+                # and the loop finds the values already in place.
+                retry=tags is None,
+            )
+        except IntegrityError:
+            raise HTTPException(409, f"The email {wanted['email']} is already taken") from None
+        if result.rowcount == 1:
+            user.update(changed, updated_at=now, version=user["version"] + 1)
+            break
+        if tags is not None:
+            raise HTTPException(412, f"User {user_id} changed while this request was applied")
+    response.headers["ETag"] = etag(user)
+    return user
+
+
+@api.delete("/users/{user_id}", status_code=204, responses=problem_responses(404, 412))
+async def delete_user(
+    user_id: UserId,
+    conn: ConnDep,
+    if_match: Annotated[str | None, Header(description="Delete only if the user's ETag is one of these.")] = None,
+) -> Response:
+    """Delete a user; with If-Match, only if the user is still at that version."""
+    tags = parse_if_match(if_match)
+    statement = delete(User).where(User.id == user_id)
+    if tags is not None and "*" not in tags:
+        versions = [int(t[1:-1]) for t in tags if re.fullmatch(r'"\d{1,18}"', t)]
+        statement = statement.where(User.version.in_(versions))
+    if (await execute(conn, statement, retry=True)).rowcount == 0:
+        await fetch_user(conn, user_id)  # 404 when absent; otherwise the version did not match
+        raise HTTPException(412, f"User {user_id} has changed; fetch it again for its current ETag")
+    return Response(status_code=204)
+
+
+app.include_router(api)
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run("main:app", reload=True, forwarded_allow_ips=",".join(settings.trusted_proxies) or "")

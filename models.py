@@ -1,0 +1,49 @@
+"""The `users` table, portable across SQLite, MySQL 8 and MariaDB."""
+
+from datetime import UTC, datetime
+
+from sqlalchemy import BigInteger, DateTime, Integer, String, TypeDecorator
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; it is 64-bit there anyway.
+BigIntId = BigInteger().with_variant(Integer, "sqlite")
+# utf8mb4_bin: every Unicode character (emoji included) stored byte for byte, and compared
+# exactly, so `café` and `cafe` stay two addresses (the server's default collation folds accents).
+Text254 = String(254).with_variant(mysql.VARCHAR(254, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
+Text100 = String(100).with_variant(mysql.VARCHAR(100, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Store naive UTC with microseconds; hand back aware UTC datetimes."""
+
+    impl = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    email: Mapped[str] = mapped_column(Text254)
+    # The email lower-cased by the service: its unique index makes uniqueness
+    # case-insensitive the same way on every database, and decides races for us.
+    email_key: Mapped[str] = mapped_column(Text254, unique=True)
+    name: Mapped[str] = mapped_column(Text100)
+    is_active: Mapped[bool]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Bumped by every update; the ETag, and the compare-and-swap that makes If-Match exact.
+    version: Mapped[int]

@@ -50,6 +50,7 @@ access_log = logging.getLogger("users.access")
 
 # --- Database ------------------------------------------------------------------------------
 
+
 def create_engine() -> AsyncEngine:
     """Create the engine; each worker process calls this once, in its lifespan."""
     is_sqlite = settings.database_url.startswith("sqlite")
@@ -157,6 +158,7 @@ async def execute(conn: AsyncConnection, statement: Executable, *, retry: bool =
 
 # --- Lifespan ------------------------------------------------------------------------------
 
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -198,8 +200,15 @@ async def create_schema_and_demo_users(engine: AsyncEngine) -> None:
             await conn.execute(
                 insert(User),
                 [
-                    {"email": e, "email_key": e.lower(), "name": n, "is_active": True,
-                     "created_at": now, "updated_at": now, "version": 1}
+                    {
+                        "email": e,
+                        "email_key": e.lower(),
+                        "name": n,
+                        "is_active": True,
+                        "created_at": now,
+                        "updated_at": now,
+                        "version": 1,
+                    }
                     for e, n in DEMO_USERS
                 ],
             )
@@ -241,9 +250,17 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None, **e
 
 
 PHRASES = {
-    400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-    409: "Conflict", 412: "Precondition Failed", 413: "Content Too Large", 422: "Unprocessable Content",
-    429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    412: "Precondition Failed",
+    413: "Content Too Large",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -285,7 +302,11 @@ class AccessLogMiddleware:
         finally:
             access_log.info(
                 "%s %s %d %.1fms %s",
-                scope["method"], scope["path"], status, (time.perf_counter() - start) * 1000, request_id.decode(),
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - start) * 1000,
+                request_id.decode(),
             )
 
 
@@ -305,8 +326,9 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.keys and scope["type"] == "http" and scope["path"].startswith("/api/") and not self.authorized(scope):
-            response = problem(401, "A valid API key is required: Authorization: Bearer <key>.",
-                               {"WWW-Authenticate": "Bearer"})
+            response = problem(
+                401, "A valid API key is required: Authorization: Bearer <key>.", {"WWW-Authenticate": "Bearer"}
+            )
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -350,8 +372,7 @@ class RateLimitMiddleware:
             (b"ratelimit", f'"default";r={remaining};t={reset}'.encode()),
         ]
         if not allowed:
-            response = problem(429, "Too many requests from this address; retry later.",
-                               {"Retry-After": str(reset)})
+            response = problem(429, "Too many requests from this address; retry later.", {"Retry-After": str(reset)})
             response.raw_headers.extend(headers)
             return await response(scope, receive, send)
 
@@ -371,13 +392,18 @@ app.add_middleware(AccessLogMiddleware)
 
 # --- Errors ------------------------------------------------------------------------------
 
+
 @app.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != PHRASES.get(exc.status_code) else {
-        404: "There is nothing at this path.",
-        405: f"{request.method} is not allowed here.",
-        413: f"The request body is larger than {settings.max_body_size} bytes.",
-    }.get(exc.status_code, str(exc.detail))
+    detail = (
+        exc.detail
+        if isinstance(exc.detail, str) and exc.detail != PHRASES.get(exc.status_code)
+        else {
+            404: "There is nothing at this path.",
+            405: f"{request.method} is not allowed here.",
+            413: f"The request body is larger than {settings.max_body_size} bytes.",
+        }.get(exc.status_code, str(exc.detail))
+    )
     return problem(exc.status_code, detail, exc.headers)
 
 
@@ -402,6 +428,7 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
 
 # --- Schemas -----------------------------------------------------------------------------
 
+
 def normalize_email(value: str) -> str:
     """Check the syntax; lower-case the domain and keep the local part as given."""
     try:
@@ -412,10 +439,12 @@ def normalize_email(value: str) -> str:
     return f"{local}@{domain.lower()}"
 
 
-Email = Annotated[str, StringConstraints(max_length=254), AfterValidator(normalize_email),
-                  Field(examples=["ada@example.com"])]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
-                 Field(examples=["Ada Lovelace"])]
+Email = Annotated[
+    str, StringConstraints(max_length=254), AfterValidator(normalize_email), Field(examples=["ada@example.com"])
+]
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), Field(examples=["Ada Lovelace"])
+]
 # RFC 3339 with the offset, always six fractional digits (pydantic drops them when zero).
 Timestamp = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(timespec="microseconds"), return_type=str)]
 UserId = Annotated[int, Path(ge=1, le=2**63 - 1, description="A positive 64-bit integer.")]
@@ -470,11 +499,13 @@ class Problem(BaseModel):
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": Problem, "description": PHRASES[s], "content": {"application/problem+json": {}}}
-            for s in statuses}
+    return {
+        s: {"model": Problem, "description": PHRASES[s], "content": {"application/problem+json": {}}} for s in statuses
+    }
 
 
 # --- Routes ------------------------------------------------------------------------------
+
 
 @app.get("/health", responses=problem_responses(503))
 async def health(request: Request) -> JSONResponse:
@@ -485,8 +516,13 @@ async def health(request: Request) -> JSONResponse:
             await execute(conn, select(1))
     except (TimeoutError, PoolTimeoutError, DBAPIError) as exc:
         log.error("health check: database unavailable: %s", type(exc).__name__)
-        return problem(503, "The database is not answering.", {"Retry-After": "1"},
-                       checks={"database": "unavailable"}, pool=pool_status(engine))
+        return problem(
+            503,
+            "The database is not answering.",
+            {"Retry-After": "1"},
+            checks={"database": "unavailable"},
+            pool=pool_status(engine),
+        )
     return JSONResponse({"status": "ok", "checks": {"database": "ok"}, "pool": pool_status(engine)})
 
 
@@ -497,15 +533,21 @@ if DOCS:
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url="/openapi.json", title="Users API",
-            swagger_js_url="/static/swagger-ui-bundle.js", swagger_css_url="/static/swagger-ui.css",
+            openapi_url="/openapi.json",
+            title="Users API",
+            swagger_js_url="/static/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui.css",
             swagger_favicon_url="/static/favicon.png",
         )
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url="/openapi.json", title="Users API",
-                              redoc_js_url="/static/redoc.standalone.js", redoc_favicon_url="/static/favicon.png")
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="Users API",
+            redoc_js_url="/static/redoc.standalone.js",
+            redoc_favicon_url="/static/favicon.png",
+        )
 
 
 # The key check itself is ApiKeyMiddleware (it must run before the body is read); this
@@ -518,8 +560,16 @@ api = APIRouter(
     responses=problem_responses(401, 422, 429, 503),
 )
 
-COLUMNS = (User.id, User.email, User.email_key, User.name, User.is_active, User.created_at,
-           User.updated_at, User.version)
+COLUMNS = (
+    User.id,
+    User.email,
+    User.email_key,
+    User.name,
+    User.is_active,
+    User.created_at,
+    User.updated_at,
+    User.version,
+)
 
 
 def etag(user: dict[str, Any]) -> str:
@@ -554,8 +604,10 @@ async def fetch_user(conn: AsyncConnection, user_id: int) -> dict[str, Any]:
 async def list_users(
     conn: ConnDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]$",
-                                        description="`next_cursor` of the previous page.")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=r"^[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]$", description="`next_cursor` of the previous page."),
+    ] = None,
 ) -> dict[str, Any]:
     """List users in ascending id order, one keyset page at a time."""
     statement = select(*COLUMNS).order_by(User.id).limit(limit + 1)

@@ -191,10 +191,16 @@ DEMO_USERS = [
 ]
 
 
-async def create_schema_and_demo_users(engine: AsyncEngine) -> None:
-    """Create the table if missing; a fresh database gets a few demo users."""
+async def create_schema(engine: AsyncEngine) -> None:
+    """Create the table if missing; in production gunicorn's master does it once, before fork."""
     async with engine.connect() as conn:
         await conn.run_sync(Base.metadata.create_all)
+
+
+async def create_schema_and_demo_users(engine: AsyncEngine) -> None:
+    """Create the table if missing; a fresh database gets a few demo users."""
+    await create_schema(engine)
+    async with engine.connect() as conn:
         if await conn.scalar(select(func.count()).select_from(User)) == 0:
             now = datetime.now(UTC)
             await conn.execute(
@@ -226,6 +232,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         yield {"engine": engine}
     finally:
         await engine.dispose()
+        log.info("database pool closed")
 
 
 # --- The app and its middleware ----------------------------------------------------------

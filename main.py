@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -243,14 +243,15 @@ app = FastAPI(
     title="Users API",
     version="1.0.0",
     lifespan=lifespan,
-    max_body_size=settings.max_body_size,
+    # No max_body_size here: FastAPI's limit answers a too-large Content-Length in plain text,
+    # past every handler; BodyLimitMiddleware below answers it as a problem.
     # Served below from local files: the CDN pages FastAPI links by default need the internet.
     docs_url=None,
     redoc_url=None,
 )
 
 
-def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+def problem(status: int, detail: str, headers: Mapping[str, str] | None = None, **extra: Any) -> JSONResponse:
     """An RFC 9457 problem document."""
     body = {"type": "about:blank", "title": PHRASES.get(status, "Error"), "status": status, "detail": detail, **extra}
     return JSONResponse(body, status, headers, media_type="application/problem+json")
@@ -391,7 +392,36 @@ class RateLimitMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+class BodyLimitMiddleware:
+    """Answer 413 to a request body over MAX_BODY_SIZE, without reading it to the end."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.limit = settings.max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await problem(413, f"The request body is larger than {self.limit} bytes.")(scope, receive, send)
+        received = 0
+
+        # A chunked body has no length up front: count it as the route reads it.
+        async def receive_with_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                # Raised inside the route, so the HTTPException handler answers it.
+                raise HTTPException(413, f"The request body is larger than {self.limit} bytes.")
+            return message
+
+        await self.app(scope, receive_with_limit, send)
+
+
 # add_middleware puts each one outside the last: a request meets the access log first.
+app.add_middleware(BodyLimitMiddleware)
 app.add_middleware(RateLimitMiddleware)
 app.add_middleware(ApiKeyMiddleware)
 app.add_middleware(AccessLogMiddleware)
@@ -402,13 +432,15 @@ app.add_middleware(AccessLogMiddleware)
 
 @app.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI answers a body that is not UTF-8 with a bare 400; it is malformed JSON like any other.
+        return problem(422, "The request is not valid; see errors.", errors=[{"loc": ["body"], "msg": "Not UTF-8"}])
     detail = (
         exc.detail
         if isinstance(exc.detail, str) and exc.detail != PHRASES.get(exc.status_code)
         else {
             404: "There is nothing at this path.",
             405: f"{request.method} is not allowed here.",
-            413: f"The request body is larger than {settings.max_body_size} bytes.",
         }.get(exc.status_code, str(exc.detail))
     )
     return problem(exc.status_code, detail, exc.headers)
@@ -506,9 +538,10 @@ class Problem(BaseModel):
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {
-        s: {"model": Problem, "description": PHRASES[s], "content": {"application/problem+json": {}}} for s in statuses
-    }
+    # The schema sits under the media type actually served: FastAPI's "model" key would file it
+    # under application/json.
+    content = {"application/problem+json": {"schema": Problem.model_json_schema()}}
+    return {status: {"description": PHRASES[status], "content": content} for status in statuses}
 
 
 # --- Routes ------------------------------------------------------------------------------
@@ -554,6 +587,7 @@ if DOCS:
             title="Users API",
             redoc_js_url="/static/redoc.standalone.js",
             redoc_favicon_url="/static/favicon.png",
+            with_google_fonts=False,
         )
 
 
@@ -642,7 +676,7 @@ async def create_user(new: UserCreate, conn: ConnDep, response: Response) -> dic
         result = await execute(conn, insert(User).values(**user))
     except IntegrityError:
         raise HTTPException(409, f"The email {new.email} is already taken") from None
-    user["id"] = result.inserted_primary_key[0]
+    user["id"] = result.lastrowid
     response.headers["Location"] = f"/api/v1/users/{user['id']}"
     response.headers["ETag"] = etag(user)
     return user

@@ -34,7 +34,9 @@ class Base(DeclarativeBase):
 
 class User(Base):
     __tablename__ = "users"
-    __table_args__ = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+    # sqlite_autoincrement: SQLite otherwise gives a new row the id of the newest deleted one, and
+    # a client holding that user's URL and ETag ("1") would read or write a stranger.
+    __table_args__ = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin", "sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
     email: Mapped[str] = mapped_column(Text254)

@@ -432,9 +432,11 @@ app.add_middleware(AccessLogMiddleware)
 
 @app.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-        # FastAPI answers a body that is not UTF-8 with a bare 400; it is malformed JSON like any other.
-        return problem(422, "The request is not valid; see errors.", errors=[{"loc": ["body"], "msg": "Not UTF-8"}])
+    if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+        # FastAPI answers a body that json.loads rejects other than as a syntax error (not UTF-8,
+        # nested too deep, a number of 5000 digits) with a bare 400; it is malformed JSON all the same.
+        errors = [{"loc": ["body"], "msg": "JSON decode error"}]
+        return problem(422, "The request is not valid; see errors.", errors=errors)
     detail = (
         exc.detail
         if isinstance(exc.detail, str) and exc.detail != PHRASES.get(exc.status_code)

@@ -362,7 +362,18 @@ async def test_server_set_field_is_422(
     assert user == (await client.get(f"{USERS}/{user['id']}")).json()
 
 
-@pytest.mark.parametrize("content", [b'{"email": "ada@example.com",', b"not json", b"", b'{"name": "\xff"}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"email": "ada@example.com",',
+        b"not json",
+        b"",
+        b'{"name": "\xff"}',  # not UTF-8
+        b"[" * 50_000,  # nested deeper than any parser recurses
+        b'{"is_active": 1' + b"0" * 5000 + b"}",  # more digits than Python converts
+    ],
+    ids=["truncated", "not-json", "empty", "not-utf8", "deep", "long-number"],
+)
 @pytest.mark.parametrize(("method", "path"), WRITES)
 async def test_malformed_json_is_422_with_errors(
     client: httpx.AsyncClient, user: dict[str, Any], method: str, path: str, content: bytes

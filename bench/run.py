@@ -1,0 +1,526 @@
+"""Benchmark the service against a raw baseline, as ratios measured in the same run.
+
+    python bench/run.py            # 3 rounds x 5 scenarios x 2 targets x 8 s, about 5 minutes
+    python bench/run.py --quick    # 1 round x 3 s, a smoke test
+
+It seeds MariaDB/MySQL with 100,000 users, starts the service under gunicorn as deployed
+(gunicorn.conf.py, production settings, API keys, rate limiting, request log) and the raw
+baseline (bench/baseline.py) under the same gunicorn settings, then runs wrk against both,
+alternating which goes first each round. Absolute figures depend on the machine and on
+whatever else runs on it; the ratios to the baseline are the result. Needs `wrk` on PATH
+(Debian/Ubuntu: apt-get install wrk) and a MySQL-compatible server (DATABASE_URL below).
+Everything it writes goes to bench/results/.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from base64 import urlsafe_b64encode
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+BIN = Path(sys.executable).parent
+API_KEY = "bench-" + secrets.token_hex(8)
+
+SEEDED_PAGE = "/api/v1/users?limit=20"
+
+
+def cursor_after(last_id: int) -> str:
+    return urlsafe_b64encode(last_id.to_bytes(8, "big", signed=True)).decode().rstrip("=")
+
+
+def scenarios(users: int) -> list[dict]:
+    """(key, label, connections, lua scenario, its argument)."""
+    return [
+        {"key": "get", "label": "get by id", "conns": 32, "kind": "get", "arg": str(users)},
+        {"key": "first", "label": "first page", "conns": 32, "kind": "path", "arg": SEEDED_PAGE},
+        {
+            "key": "deep",
+            "label": "deep page",
+            "conns": 32,
+            "kind": "path",
+            "arg": f"{SEEDED_PAGE}&cursor={cursor_after(users - 30)}",
+        },
+        {"key": "create", "label": "create", "conns": 32, "kind": "create", "arg": "0"},
+        {"key": "overload", "label": "get by id, 256 conns", "conns": 256, "kind": "get", "arg": str(users)},
+    ]
+
+
+# --- Database ------------------------------------------------------------------------------
+
+
+def seed(url: str, users: int) -> None:
+    """Create the database and table if missing; leave exactly users 1..N, drop earlier runs' creations."""
+    import pymysql
+    from sqlalchemy import create_engine
+
+    sys.path.insert(0, str(ROOT))
+    from models import Base
+
+    parts = urlsplit(url)
+    db = parts.path.lstrip("/")
+    connect = dict(
+        host=parts.hostname,
+        port=parts.port or 3306,
+        user=parts.username,
+        password=parts.password or "",
+        charset="utf8mb4",
+        autocommit=True,
+    )
+    with pymysql.connect(**connect) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    engine = create_engine(f"mysql+pymysql://{parts.netloc}/{db}?charset=utf8mb4")
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    with pymysql.connect(database=db, **connect) as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM users WHERE id > %s", (users,))
+        cur.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM users")
+        count, top = cur.fetchone()
+        if (count, top) != (users, users):
+            print(f"seeding {users} users ...", flush=True)
+            cur.execute("TRUNCATE TABLE users")
+            # MariaDB's sequence engine makes the rows server-side in a second or two.
+            for start in range(1, users + 1, 20000):
+                end = min(start + 19999, users)
+                cur.execute(
+                    "INSERT INTO users (id, email, email_key, name, is_active, created_at, updated_at, version)"
+                    " SELECT seq, CONCAT('user', seq, '@example.com'), CONCAT('user', seq, '@example.com'),"
+                    " CONCAT('User ', seq), 1, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), 1"
+                    f" FROM seq_{start}_to_{end}"
+                )
+        cur.execute(f"ALTER TABLE users AUTO_INCREMENT = {users + 1}")
+        cur.execute("ANALYZE TABLE users")
+        cur.fetchall()
+
+
+# --- Servers -------------------------------------------------------------------------------
+
+
+class Server:
+    """One gunicorn master with its workers, started the way the service is deployed."""
+
+    def __init__(
+        self, name: str, app: str, port: int, workers: int, env: dict[str, str], log: Path, source: Path = ROOT
+    ) -> None:
+        self.name, self.port, self.log_path = name, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        config = source / "gunicorn.conf.py"
+        command = [str(BIN / "gunicorn")]
+        # The same configuration file for the service and the baseline: same worker class,
+        # workers, keep-alive and timeouts. Command-line flags override the file.
+        command += ["-c", str(config)] if config.exists() else ["-k", "uvicorn_worker.UvicornWorker"]
+        command += ["-w", str(workers), "--bind", f"127.0.0.1:{port}", "--no-control-socket", app]
+        self.command = command
+        self.log = open(log, "ab")  # noqa: SIM115 (open while the server runs; closed in stop())
+        self.process = subprocess.Popen(command, cwd=source, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.workers = workers
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200 and len(self.worker_pids()) == self.workers:
+                        time.sleep(1.0)  # let the last worker finish its lifespan
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.3)
+        raise SystemExit(f"{self.name} did not become ready; see {self.log_path}")
+
+    def worker_pids(self) -> list[int]:
+        pid = self.process.pid
+        try:
+            return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def rss_mib(self) -> dict[int, float]:
+        result = {}
+        for pid in self.worker_pids():
+            status = Path(f"/proc/{pid}/status").read_text()
+            kib = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+            result[pid] = round(kib / 1024, 1)
+        return result
+
+    def log_size(self) -> int:
+        self.log.flush()
+        return self.log_path.stat().st_size
+
+    def count_5xx(self, since: int) -> int:
+        """5xx answers in the service's request log written after byte offset since."""
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        return len(re.findall(r'"message": "[A-Z]+ \S+ 5\d\d ', text))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def checkout(label: str, stamp: str) -> Path:
+    """A folder with the service's files: the folder itself, or the git revision exported into bench/results/."""
+    if Path(label).is_dir():
+        return Path(label).resolve()
+    target = RESULTS / f"rev-{label}-{stamp}"
+    target.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", label], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def run_wrk(server: Server, scenario: dict, seconds: float, prefix: str) -> dict:
+    command = [
+        "wrk",
+        "-t2",
+        f"-c{scenario['conns']}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "2s",
+        "-H",
+        f"Authorization: Bearer {API_KEY}",
+        "-s",
+        str(HERE / "scenario.lua"),
+        server.url,
+        "--",
+        scenario["kind"],
+        scenario["arg"],
+        prefix,
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in output.splitlines() if line.startswith("WRK_JSON "))
+    result = json.loads(line.removeprefix("WRK_JSON "))
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["socket_errors"] = result["connect"] + result["read"] + result["write"]
+    return result
+
+
+# --- The run -------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024**2
+    return f"{os.cpu_count()} cores ({cpu}), {memory} GiB, {platform.system()} {platform.release()}"
+
+
+def git_revision() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--", "main.py", "models.py") else ""
+    return git("rev-parse", "--short", "HEAD") + dirty
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8, help="seconds per wrk run")
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 s: a smoke test")
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--database-url", default=os.environ.get("BENCH_DATABASE_URL", "mysql://root@127.0.0.1:3306/bench")
+    )
+    parser.add_argument(
+        "--drivers",
+        default="aiomysql",
+        help="comma-separated SQLAlchemy MySQL asyncio drivers for the service "
+        "(aiomysql, asyncmy); each is one target, all against the same baseline",
+    )
+    parser.add_argument("--port", type=int, default=18400, help="first of the ports the servers use")
+    parser.add_argument("--scenarios", default="get,first,deep,create,overload")
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="REV_OR_DIR",
+        help="also run the service as of this git revision, or from this folder, as a further "
+        "target: before/after figures from one run",
+    )
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="afterwards, record the first service worker with py-spy for this long "
+        "under the get-by-id load, and summarise where the time goes",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration = 1, 3
+
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_id = secrets.token_hex(3)
+    seed(args.database_url, args.users)
+    base_url = urlsplit(args.database_url)._replace(scheme="mysql").geturl()
+
+    common = {
+        **os.environ,
+        "DB_POOL_SIZE": os.environ.get("DB_POOL_SIZE", "10"),
+        "DB_MAX_OVERFLOW": os.environ.get("DB_MAX_OVERFLOW", "5"),
+        "WEB_CONCURRENCY": str(args.workers),
+        # Worker recycling off: at these rates max_requests would restart a worker every few
+        # seconds, measuring start-up instead of serving, and hide the memory growth measured here.
+        "MAX_REQUESTS": "0",
+    }
+    sources = {"": ROOT, **{label: checkout(label, stamp) for label in args.against}}
+    servers: list[Server] = []
+    try:
+        variants = [(label, source, driver) for label, source in sources.items() for driver in args.drivers.split(",")]
+        for i, (label, source, driver) in enumerate(variants):
+            env = {
+                **common,
+                "ENVIRONMENT": "production",
+                "DATABASE_URL": base_url.replace("mysql://", f"mysql+{driver}://", 1),
+                "API_KEYS": API_KEY,
+                # Switched on, as deployed, but high enough never to answer 429 here.
+                "RATE_LIMIT": "100000000",
+                "LOG_LEVEL": "INFO",
+            }
+            # The request log goes to stderr, as in a container; here it is redirected to a file.
+            name = f"ours{'@' + Path(label).name if label else ''}[{driver}]"
+            log = RESULTS / f"server{'-' + Path(label).name if label else ''}-{driver}-{stamp}.log"
+            servers.append(Server(name, "main:app", args.port + 1 + i, args.workers, env, log, source))
+        # gunicorn.conf.py reads settings.py, and checks the database with DATABASE_URL, for the baseline too.
+        baseline_env = {
+            **common,
+            "DATABASE_URL": base_url.replace("mysql://", "mysql+aiomysql://", 1),
+            "PYTHONPATH": str(HERE),
+        }
+        servers.append(
+            Server("baseline", "baseline:app", args.port, args.workers, baseline_env, RESULTS / f"baseline-{stamp}.log")
+        )
+        for server in servers:
+            server.wait_ready()
+        ours = [s for s in servers if s.name != "baseline"]
+
+        plan = [s for s in scenarios(args.users) if s["key"] in args.scenarios.split(",")]
+        served = {s.name: 0 for s in ours}
+        memory: dict[str, dict] = {s.name: {} for s in ours}
+
+        def measure(server: Server, scenario: dict, seconds: float, prefix: str) -> dict:
+            offset = server.log_size() if server in ours else 0
+            result = run_wrk(server, scenario, seconds, prefix)
+            if server in ours:
+                result["5xx"] = server.count_5xx(offset)
+                served[server.name] += result["requests"]
+                if served[server.name] >= 10_000 and "early" not in memory[server.name]:
+                    memory[server.name]["early"] = {"requests": served[server.name], "rss": server.rss_mib()}
+            return result
+
+        print(f"warming up {', '.join(s.name for s in servers)} ...", flush=True)
+        for server in servers:
+            measure(server, plan[0], 2, f"{run_id}-warm")
+
+        runs: list[dict] = []
+        for round_ in range(args.rounds):
+            for scenario in plan:
+                order = servers if round_ % 2 == 0 else servers[::-1]
+                for server in order:
+                    prefix = re.sub(r"[^A-Za-z0-9]+", "-", f"{run_id}-{server.name}-{round_}")
+                    result = measure(server, scenario, args.duration, prefix)
+                    runs.append({"round": round_, "scenario": scenario["key"], "target": server.name, **result})
+                    print(
+                        f"round {round_ + 1}/{args.rounds} {scenario['label']:<22} {server.name:<16} "
+                        f"{result['rps']:8.0f} req/s  p99 {result['p99_us'] / 1000:7.1f} ms  "
+                        f"non-2xx {result['status']}  socket errors {result['socket_errors']}  "
+                        f"timeouts {result['timeout']}",
+                        flush=True,
+                    )
+                    time.sleep(0.5)
+
+        get = next(s for s in scenarios(args.users) if s["key"] == "get")
+        for server in ours if args.rounds else ():
+            while served[server.name] < 100_000:
+                measure(server, get, 10, f"{run_id}-mem")
+            memory[server.name]["late"] = {"requests": served[server.name], "rss": server.rss_mib()}
+
+        profile = None
+        if args.profile:
+            profile = record_profile(ours[0], get, args.profile, stamp)
+
+        report = render(args, stamp, plan, servers, runs, memory, profile)
+        print()
+        print(report)
+        (RESULTS / f"run-{stamp}.md").write_text(report)
+        (RESULTS / f"run-{stamp}.json").write_text(
+            json.dumps(
+                {"args": vars(args), "runs": runs, "memory": memory, "commands": {s.name: s.command for s in servers}},
+                indent=1,
+            )
+        )
+        print(f"\nwritten: bench/results/run-{stamp}.md and .json")
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def record_profile(server: Server, scenario: dict, seconds: float, stamp: str) -> str:
+    """Sample one worker with py-spy under load; return the summary."""
+    out = RESULTS / f"profile-{stamp}.txt"
+    load = subprocess.Popen(
+        [
+            "wrk",
+            "-t2",
+            f"-c{scenario['conns']}",
+            f"-d{seconds + 4:g}s",
+            "-H",
+            f"Authorization: Bearer {API_KEY}",
+            "-s",
+            str(HERE / "scenario.lua"),
+            server.url,
+            "--",
+            scenario["kind"],
+            scenario["arg"],
+            "profile",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(2)
+        pid = server.worker_pids()[0]
+        subprocess.run(
+            [
+                str(BIN / "py-spy"),
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    finally:
+        load.wait()
+    summary = subprocess.run(
+        [sys.executable, str(HERE / "profile_summary.py"), str(out)], capture_output=True, text=True, check=True
+    ).stdout
+    return f"py-spy, {seconds:.0f} s of one worker under `get by id`, 32 connections ({out.name}):\n\n{summary}"
+
+
+def render(args, stamp, plan, servers, runs, memory, profile) -> str:
+    def pick(target: str, key: str) -> list[dict]:
+        return [r for r in runs if r["target"] == target and r["scenario"] == key]
+
+    def ratios(target: str, key: str, field: str, other: str = "baseline", other_key: str | None = None) -> list[float]:
+        return [
+            a[field] / b[field]
+            for a, b in zip(pick(target, key), pick(other, other_key or key), strict=True)
+            if b[field]
+        ]
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    ours = [s.name for s in servers if s.name != "baseline"]
+    lines = [
+        f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine()}",
+        f"command: python bench/run.py {' '.join(sys.argv[1:])}".rstrip(),
+        f"service revision: {git_revision()}; {args.rounds} rounds x {args.duration:g} s per target and "
+        f"scenario, targets alternated; {args.workers} gunicorn workers each; wrk -t2, --timeout 2s",
+        "",
+        "| scenario | target | req/s | p50 ms | p99 ms | non-2xx | 5xx | socket errors | timeouts "
+        "| req/s ratio to baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for scenario in plan:
+        for server in servers:
+            rs = pick(server.name, scenario["key"])
+            if not rs:
+                continue
+            ratio = fivexx = ""
+            if server.name != "baseline":
+                fivexx = str(sum(r["5xx"] for r in rs))
+                ratio = f"**{median(ratios(server.name, scenario['key'], 'rps')):.2f}**"
+            lines.append(
+                f"| {scenario['label']} ({scenario['conns']}) | {server.name} | {median([r['rps'] for r in rs]):.0f} "
+                f"| {median([r['p50_us'] for r in rs]) / 1000:.1f} | {median([r['p99_us'] for r in rs]) / 1000:.1f} "
+                f"| {sum(r['status'] for r in rs)} | {fivexx} "
+                f"| {sum(r['socket_errors'] for r in rs)} | {sum(r['timeout'] for r in rs)} | {ratio} |"
+            )
+    lines += [
+        "",
+        "Figures are medians over the rounds; errors are totals; ratios are the median of the per-round ratios.",
+        "",
+        "| target | check | measured | goal | |",
+        "|---|---|---:|---|---|",
+    ]
+    keys = {s["key"] for s in plan}
+    for name in ours:
+        checks = []
+        for key, goal in (("get", 0.40), ("first", 0.50), ("create", 0.40)):
+            if key in keys:
+                value = median(ratios(name, key, "rps"))
+                checks.append((f"{key} req/s / baseline", f"{value:.2f}", f">= {goal:.2f}", value >= goal))
+        if {"deep", "first"} <= keys:
+            value = median(ratios(name, "deep", "rps", other=name, other_key="first"))
+            checks.append(("deep page req/s / own first page", f"{value:.2f}", ">= 0.90", value >= 0.90))
+        if "overload" in keys:
+            rs = pick(name, "overload")
+            bad = sum(r["socket_errors"] + r["timeout"] + r.get("5xx", 0) for r in rs)
+            checks.append(("overload socket errors + timeouts + 5xx", str(bad), "0", bad == 0))
+            value = median(ratios(name, "overload", "p99_us"))
+            checks.append(("overload p99 / baseline p99", f"{value:.2f}", "<= 3", value <= 3))
+        mem = memory.get(name, {})
+        if "early" in mem and "late" in mem:
+            early, late = mem["early"], mem["late"]
+            # A worker that was replaced in between (max_requests, a crash) has no comparable figure.
+            same = early["rss"].keys() == late["rss"].keys()
+            growth = max(late["rss"][pid] / rss for pid, rss in early["rss"].items()) if same else float("inf")
+            checks.append(
+                (
+                    f"RSS per worker after {late['requests']:,} requests / after {early['requests']:,}",
+                    f"{growth:.2f} ({', '.join(f'{v:.0f}' for v in early['rss'].values())} -> "
+                    f"{', '.join(f'{v:.0f}' for v in late['rss'].values())} MiB)",
+                    "<= 1.10, same workers",
+                    growth <= 1.10,
+                )
+            )
+        for label, measured, goal, ok in checks:
+            lines.append(f"| {name} | {label} | {measured} | {goal} | {'pass' if ok else '**FAIL**'} |")
+    if profile:
+        lines += ["", profile]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -990,3 +990,16 @@ async def test_concurrent_deletes_give_one_204(client: httpx.AsyncClient, if_mat
     responses = await asyncio.gather(*(client.delete(path, headers=headers) for _ in range(RACERS)))
 
     assert [204] + [404] * (RACERS - 1) == sorted(r.status_code for r in responses)
+
+
+# --- Configuration -------------------------------------------------------------------------
+
+
+def test_env_example_lists_every_setting() -> None:
+    """.env.example names each field of settings.py, and nothing else, and loads as it is."""
+    lines = (Path(__file__).parent / ".env.example").read_text().splitlines()
+    # A setting line is KEY=value, or "# KEY=value" for one that is best left unset.
+    keys = {m[1].lower() for line in lines if (m := re.fullmatch(r"(?:# )?([A-Z_]+)=.*", line))}
+
+    assert set(type(settings).model_fields) == keys
+    type(settings)(_env_file=Path(__file__).parent / ".env.example")

@@ -1,4 +1,4 @@
-"""The HTTP contract of API.md, test by test, on a real SQLite file and a real MariaDB.
+"""The service's HTTP contract, rule by rule, on a real SQLite file and a real MariaDB.
 
 Every test runs twice: on a fresh SQLite file, and on the MySQL or MariaDB database named by
 TEST_MYSQL_URL (for example mysql+aiomysql://root@127.0.0.1:3306/test_users); without that
@@ -36,7 +36,7 @@ RFC3339_MICROSECONDS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00
 
 @pytest.fixture(params=["sqlite", "mysql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of an empty database: a new SQLite file, or TEST_MYSQL_URL."""
+    """The URL of a test database: a new SQLite file, or TEST_MYSQL_URL."""
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'users.db'}"
     url = os.environ.get("TEST_MYSQL_URL")

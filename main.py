@@ -93,10 +93,20 @@ def watch_pool(engine: AsyncEngine) -> None:
     def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         record.info["idle_since"] = time.monotonic()
 
+    @event.listens_for(pool, "close")
+    def on_close(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        if closed_by_peer(dbapi_connection):
+            # No one to say goodbye to: shut the socket, so that the pool's polite close does
+            # not fail on it and log a traceback at every shutdown after a quiet spell.
+            dbapi_connection.driver_connection.close()
+
     @event.listens_for(pool, "checkout")
     def on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
         nonlocal last_warning
         now = time.monotonic()
+        if closed_by_peer(dbapi_connection):
+            # Killed, timed out or cut while in the pool: replaced before a write is lost on it.
+            raise DisconnectionError("connection was closed by the server or the network")
         if now - record.info.get("idle_since", now) > IDLE_PING_AFTER:
             try:
                 engine.dialect.do_ping(dbapi_connection)
@@ -113,6 +123,18 @@ def watch_pool(engine: AsyncEngine) -> None:
             )
 
 
+def closed_by_peer(dbapi_connection: Any) -> bool:
+    """Whether the end of the stream (or a reset) from the server has already arrived; no round trip.
+
+    The check aiomysql's own pool makes before lending a connection. SQLite has no stream.
+    """
+    reader = getattr(dbapi_connection.driver_connection, "_reader", None)
+    if reader is None:
+        return False
+    # eof_received: MySQL 8 sends an error packet before it closes a timed-out connection.
+    return bool(reader.at_eof() or reader.exception() or getattr(reader, "eof_received", False))
+
+
 def pool_status(engine: AsyncEngine) -> dict[str, int]:
     pool: Any = engine.pool
     return {
@@ -123,9 +145,26 @@ def pool_status(engine: AsyncEngine) -> dict[str, int]:
     }
 
 
+@asynccontextmanager
+async def connect(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """Check out a connection within DB_POOL_TIMEOUT or DB_TIMEOUT, whichever is longer.
+
+    The pool bounds its own wait, but not a new connection's handshake nor the ping of an
+    idle one: against a database that accepts connections and never answers, those would
+    wait forever.
+    """
+    conn = engine.connect()
+    async with asyncio.timeout(max(settings.db_pool_timeout, settings.db_timeout)):
+        await conn.start()
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 async def connection(request: Request) -> AsyncIterator[AsyncConnection]:
     """Lend a pooled connection to one route; it goes back as soon as the route returns."""
-    async with request.state.engine.connect() as conn:
+    async with connect(request.state.engine) as conn:
         yield conn
 
 
@@ -554,10 +593,10 @@ async def health(request: Request) -> JSONResponse:
     """Report whether the database answers within DB_TIMEOUT, and the pool's figures."""
     engine = request.state.engine
     try:
-        async with engine.connect() as conn:
-            await execute(conn, select(1))
+        async with connect(engine) as conn:
+            await execute(conn, select(1), retry=True)
     except (TimeoutError, PoolTimeoutError, DBAPIError) as exc:
-        log.error("health check: database unavailable: %s", type(exc).__name__)
+        log.error("health check: database unavailable: %s: %s", type(exc).__name__, exc)
         return problem(
             503,
             "The database is not answering.",

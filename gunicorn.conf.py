@@ -1,0 +1,142 @@
+"""Gunicorn in production: `gunicorn -c gunicorn.conf.py main:app`.
+
+Each value comes from the environment when set there, else the default beside it, which
+says why. The app's own settings (DATABASE_URL, DB_POOL_SIZE, ...) stay in settings.py.
+"""
+
+import asyncio
+import contextlib
+import os
+import tempfile
+
+from uvicorn_worker import UvicornWorker
+
+from settings import settings
+
+# Containers publish one port; 0.0.0.0 so the port mapping or the load balancer reaches it.
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+
+# Async workers each serve many requests at once, so one per core is enough; more only
+# adds database connections. sched_getaffinity counts the cores this process may use
+# (a container's cpuset), not the host's; a CPU quota (--cpus) is not seen: set WEB_CONCURRENCY.
+workers = int(os.environ.get("WEB_CONCURRENCY") or len(os.sched_getaffinity(0)))
+
+# Seconds the arbiter waits after SIGTERM before it kills a worker. Under the default
+# grace of Kubernetes (30 s), so the orchestrator does not kill gunicorn first; compose.yaml
+# sets stop_grace_period above it (docker's default, 10 s, is below).
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "20"))
+# Seconds a worker drains open requests after SIGTERM before it cancels them: 5 s short of
+# graceful_timeout, so the lifespan's shutdown (closing the pool) runs before the kill.
+# Requests end in ~2 s at worst (DB_POOL_TIMEOUT + DB_TIMEOUT), so the drain is generous.
+drain_timeout = graceful_timeout - 5
+# Seconds of silence after which a worker counts as hung and is restarted. Above
+# graceful_timeout: a worker that drains (after max_requests) does not report, and must
+# not be killed for it.
+timeout = int(os.environ.get("WORKER_TIMEOUT", str(graceful_timeout + 10)))
+
+
+class Worker(UvicornWorker):
+    CONFIG_KWARGS = {
+        **UvicornWorker.CONFIG_KWARGS,
+        # Python's own event loop, not uvloop: on uvloop, aiomysql writing to a connection the
+        # server or network has closed raises RuntimeError instead of a driver error, so the
+        # dead connection is neither detected nor replaced and the request fails with a 500
+        # (aio-libs/aiomysql#966; found by test_production.py).
+        "loop": "asyncio",
+        # The one access log line per request is AccessLogMiddleware's; uvicorn's would double it.
+        "access_log": False,
+        # uvicorn waits for open requests forever unless told; gunicorn would then kill the
+        # worker at graceful_timeout, before the lifespan has closed the pool.
+        "timeout_graceful_shutdown": drain_timeout,
+    }
+
+
+# uvicorn-worker rather than gunicorn's native "asgi" worker: measured with wrk, same run
+# (see README, "Production"): WORKER_BENCHMARK_PLACEHOLDER
+# And the native worker waits for idle keep-alive connections (a load balancer keeps some
+# open) until graceful_timeout, so the arbiter kills it before its lifespan shutdown runs.
+worker_class = Worker
+
+# Seconds an idle client connection stays open. Longer than the idle timeout of the load
+# balancer in front (AWS ALB and nginx: 60 s), so the balancer always closes first and
+# never sends a request on a connection the worker is closing at that moment (a 502).
+keepalive = int(os.environ.get("KEEPALIVE", "75"))
+
+# Restart a worker after this many requests, against slow memory growth; the jitter spreads
+# the restarts so the workers never restart together.
+max_requests = int(os.environ.get("MAX_REQUESTS", "10000"))
+max_requests_jitter = int(os.environ.get("MAX_REQUESTS_JITTER", "1000"))
+
+# X-Forwarded-For/-Proto are believed only from these addresses (TRUSTED_PROXIES); empty,
+# the default, believes no one, so a client cannot choose its own rate-limit key.
+forwarded_allow_ips = ",".join(settings.trusted_proxies)
+
+# No access log from gunicorn either (see Worker); errors and lifecycle to stderr.
+accesslog = None
+errorlog = "-"
+loglevel = settings.log_level.lower()
+
+# The heartbeat file is touched constantly; on a container's overlay filesystem that can
+# block a worker, on tmpfs it cannot.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def on_starting(server) -> None:  # type: ignore[no-untyped-def]
+    """Check the connection budget against the database and create the schema, once, before fork."""
+    # The master starts no event loop of its own; this one is closed again before any fork.
+    server.log.info(asyncio.run(prepare_database(server.cfg.workers)))
+
+
+async def prepare_database(worker_count: int) -> str:
+    """Refuse to start when the pools cannot fit in the server's connection limit; create missing tables."""
+    # Imported here, so that only the master that starts gunicorn pays for it.
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    import main
+
+    per_worker = settings.db_pool_size + settings.db_max_overflow
+    arithmetic = (f"{worker_count} workers x (DB_POOL_SIZE {settings.db_pool_size} + "
+                  f"DB_MAX_OVERFLOW {settings.db_max_overflow}) = {worker_count * per_worker} connections")
+    engine = main.create_engine()
+    try:
+        async with asyncio.timeout(30), engine.connect() as conn:
+            if conn.dialect.name not in ("mysql", "mariadb"):
+                await main.create_schema(engine)
+                return f"database pool budget: {arithmetic}; no server limit to check on {conn.dialect.name}"
+            server_limit = await conn.scalar(text("SELECT @@max_connections"))
+            # A per-account limit (MAX_USER_CONNECTIONS), when set, is the tighter one.
+            user_limit = await conn.scalar(text("SELECT @@max_user_connections"))
+        limit = min(server_limit, user_limit or server_limit)
+        if worker_count * per_worker > limit:
+            raise RuntimeError(
+                f"the connection pools do not fit in the database: {arithmetic} > {limit} "
+                f"(max_connections {server_limit}, max_user_connections {user_limit}). "
+                "Lower WEB_CONCURRENCY, DB_POOL_SIZE or DB_MAX_OVERFLOW, or raise the server's max_connections."
+            )
+        await main.create_schema(engine)
+    except (DBAPIError, TimeoutError) as exc:
+        raise RuntimeError(f"cannot reach the database to check it: {type(exc).__name__}: {exc}") from None
+    finally:
+        await engine.dispose()
+    return f"database pool budget: {arithmetic} <= {limit} (max_connections {server_limit})"
+
+
+# --- The rate-limit table the workers share (RateLimitTable in main.py; owner: rate limiting) ---
+
+
+def when_ready(server) -> None:  # type: ignore[no-untyped-def]
+    """Create the file every worker maps as its rate-limit table, so the limit is the service's, not each worker's."""
+    fd, path = tempfile.mkstemp(prefix="users-ratelimit-", dir=worker_tmp_dir)
+    os.close(fd)
+    # Workers may run as another user (gunicorn's user and group settings).
+    os.chown(path, server.cfg.uid, server.cfg.gid)
+    # Called before the first fork: every worker inherits the path, and the workers
+    # that replace them later (max_requests, a crash) find the same table.
+    os.environ["RATE_LIMIT_TABLE"] = path
+
+
+def on_exit(server) -> None:  # type: ignore[no-untyped-def]
+    """Remove the rate-limit table."""
+    with contextlib.suppress(KeyError, FileNotFoundError):
+        os.unlink(os.environ.pop("RATE_LIMIT_TABLE"))

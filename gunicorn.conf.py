@@ -96,8 +96,10 @@ async def prepare_database(worker_count: int) -> str:
     import main
 
     per_worker = settings.db_pool_size + settings.db_max_overflow
-    arithmetic = (f"{worker_count} workers x (DB_POOL_SIZE {settings.db_pool_size} + "
-                  f"DB_MAX_OVERFLOW {settings.db_max_overflow}) = {worker_count * per_worker} connections")
+    arithmetic = (
+        f"{worker_count} workers x (DB_POOL_SIZE {settings.db_pool_size} + "
+        f"DB_MAX_OVERFLOW {settings.db_max_overflow}) = {worker_count * per_worker} connections"
+    )
     engine = main.create_engine()
     try:
         async with asyncio.timeout(30), engine.connect() as conn:

@@ -794,4 +794,6 @@ app.include_router(api)
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run("main:app", reload=True, forwarded_allow_ips=",".join(settings.trusted_proxies) or "")
+    # loop="asyncio": on uvloop, aiomysql meets a connection the server closed with a RuntimeError,
+    # not a driver error, and the dead connection is never replaced (aio-libs/aiomysql#966).
+    uvicorn.run("main:app", reload=True, loop="asyncio", forwarded_allow_ips=",".join(settings.trusted_proxies) or "")

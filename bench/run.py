@@ -151,6 +151,14 @@ class Server:
         except FileNotFoundError:
             return []
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the workers have used so far."""
+        total = 0
+        for pid in self.worker_pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> dict[int, float]:
         result = {}
         for pid in self.worker_pids():
@@ -260,6 +268,7 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=18400, help="first of the ports the servers use")
     parser.add_argument("--scenarios", default="get,first,deep,create,overload")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory check")
     parser.add_argument(
         "--against",
         action="append",
@@ -332,7 +341,11 @@ def main() -> None:
 
         def measure(server: Server, scenario: dict, seconds: float, prefix: str) -> dict:
             offset = server.log_size() if server in ours else 0
+            cpu = server.cpu_seconds()
             result = run_wrk(server, scenario, seconds, prefix)
+            # Worker CPU per request does not depend on what else runs on the machine, as
+            # requests per second do: the steadier figure for comparing two versions.
+            result["cpu_us"] = (server.cpu_seconds() - cpu) / max(result["requests"], 1) * 1e6
             if server in ours:
                 result["5xx"] = server.count_5xx(offset)
                 served[server.name] += result["requests"]
@@ -356,13 +369,13 @@ def main() -> None:
                         f"round {round_ + 1}/{args.rounds} {scenario['label']:<22} {server.name:<16} "
                         f"{result['rps']:8.0f} req/s  p99 {result['p99_us'] / 1000:7.1f} ms  "
                         f"non-2xx {result['status']}  socket errors {result['socket_errors']}  "
-                        f"timeouts {result['timeout']}",
+                        f"timeouts {result['timeout']}  CPU {result['cpu_us']:.0f} µs/req",
                         flush=True,
                     )
                     time.sleep(0.5)
 
         get = next(s for s in scenarios(args.users) if s["key"] == "get")
-        for server in ours if args.rounds else ():
+        for server in ours if args.rounds and not args.no_memory else ():
             while served[server.name] < 100_000:
                 measure(server, get, 10, f"{run_id}-mem")
             memory[server.name]["late"] = {"requests": served[server.name], "rss": server.rss_mib()}
@@ -459,27 +472,31 @@ def render(args, stamp, plan, servers, runs, memory, profile) -> str:
         f"scenario, targets alternated; {args.workers} gunicorn workers each; wrk -t2, --timeout 2s",
         "",
         "| scenario | target | req/s | p50 ms | p99 ms | non-2xx | 5xx | socket errors | timeouts "
-        "| req/s ratio to baseline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| worker CPU µs/req | **req/s ratio to baseline** | CPU/req ratio, baseline/ours |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in plan:
         for server in servers:
             rs = pick(server.name, scenario["key"])
             if not rs:
                 continue
-            ratio = fivexx = ""
+            ratio = fivexx = cpu_ratio = ""
             if server.name != "baseline":
                 fivexx = str(sum(r["5xx"] for r in rs))
                 ratio = f"**{median(ratios(server.name, scenario['key'], 'rps')):.2f}**"
+                cpu_ratio = f"{1 / median(ratios(server.name, scenario['key'], 'cpu_us')):.2f}"
             lines.append(
                 f"| {scenario['label']} ({scenario['conns']}) | {server.name} | {median([r['rps'] for r in rs]):.0f} "
                 f"| {median([r['p50_us'] for r in rs]) / 1000:.1f} | {median([r['p99_us'] for r in rs]) / 1000:.1f} "
                 f"| {sum(r['status'] for r in rs)} | {fivexx} "
-                f"| {sum(r['socket_errors'] for r in rs)} | {sum(r['timeout'] for r in rs)} | {ratio} |"
+                f"| {sum(r['socket_errors'] for r in rs)} | {sum(r['timeout'] for r in rs)} "
+                f"| {median([r['cpu_us'] for r in rs]):.0f} | {ratio} | {cpu_ratio} |"
             )
     lines += [
         "",
-        "Figures are medians over the rounds; errors are totals; ratios are the median of the per-round ratios.",
+        "Figures are medians over the rounds; errors are totals; ratios are the median of the per-round ratios. "
+        "Worker CPU per request (user + system time of the gunicorn workers / requests) hardly depends on the "
+        "load others put on the machine; req/s does.",
         "",
         "| target | check | measured | goal | |",
         "|---|---|---:|---|---|",

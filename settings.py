@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     # Requests per client address per window, for the whole service (all workers).
     rate_limit: int = Field(default=100, ge=1)
     rate_limit_window: int = Field(default=60, ge=1)
+    # redis://[:password@]host:6379/0, shared by several containers so the rate limit holds across
+    # them all; unset, each container counts alone. While Redis is out, each counts alone too.
+    # Secret: the URL may carry a password.
+    redis_url: SecretStr | None = None
+    # Prefix of the rate limit's Redis keys, so that services sharing one Redis count apart.
+    redis_key_prefix: str = "users:ratelimit:"
     # Comma-separated proxy addresses whose X-Forwarded-For is believed; none by default,
     # so a client cannot dodge the rate limit by inventing the header.
     trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()

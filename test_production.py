@@ -1,8 +1,8 @@
 """The service as deployed: gunicorn with gunicorn.conf.py on MariaDB, and the database failing.
 
 Needs TEST_MYSQL_URL (for example mysql+aiomysql://root@127.0.0.1:3306/test_users); without it
-every test here is skipped, and says so. The tests use databases of their own on that server,
-named after it (test_users_production, ...), and drop them at the end.
+every test that needs the server is skipped, and says so. The tests use databases of their own
+on that server, named after it (test_users_production, ...), and drop them at the end.
 
 Gunicorn runs as a subprocess with 2 workers. Its database traffic goes through
 DatabaseProxy, a small TCP proxy these tests own, so they can cut, stall and restore the

@@ -692,22 +692,22 @@ async def test_sigterm_under_load_answers_every_accepted_request_and_closes_the_
         user_ids = [await some_user(server, ledger) for _ in range(3)]
 
         # Creations whose body is still arriving when the signal comes: accepted for certain.
-        async def slow_create() -> httpx.Response:
-            user = new_user()
-            body = httpx.Request("POST", "/", json=user).read()
+        async def slow_create() -> tuple[httpx.Response, float]:
+            body = httpx.Request("POST", "/", json=new_user()).read()
 
             async def trickle() -> AsyncIterator[bytes]:
-                for i in range(0, len(body), 8):
+                for i in range(0, len(body), 8):  # over about 3 s
                     yield body[i : i + 8]
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(3 * 8 / len(body))
 
             async with server.client(timeout=30) as client:
-                return await client.post(USERS, content=trickle(), headers={"Content-Type": "application/json"})
+                response = await client.post(USERS, content=trickle(), headers={"Content-Type": "application/json"})
+                return response, time.monotonic()
 
         stop = asyncio.Event()
         load = asyncio.create_task(run_load(server, ledger, user_ids, stop))
         slow = [asyncio.create_task(slow_create()) for _ in range(4)]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)
         # From here on the load's clients send nothing new; what they sent is in flight.
         stop.set()
         assert server.process is not None
@@ -725,9 +725,10 @@ async def test_sigterm_under_load_answers_every_accepted_request_and_closes_the_
         f"reads {dict(tally.reads)}; writes {dict(tally.writes)}; unanswered {tally.unanswered}; "
         f"exited {exited:.2f} s after SIGTERM"
     )
-    for response in slow_answers:
+    for response, answered in slow_answers:
         ledger.record(response)
         assert 201 == response.status_code, response.text
+        assert answered > signalled  # still sending its body when the signal came
     assert [] == tally.unanswered
     assert set() == {status for status in [*tally.reads, *tally.writes] if status >= 500}
     assert 0 == returncode

@@ -166,7 +166,12 @@ async def connect(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """
     conn = engine.connect()
     async with asyncio.timeout(max(settings.db_pool_timeout, settings.db_timeout)):
-        await conn.start()
+        try:
+            await conn.start()
+        except DBAPIError:
+            # Killed while it was being opened (a server restarting, an operator's KILL):
+            # nothing was sent on it yet, so one more try is always safe.
+            await conn.start()
     try:
         yield conn
     finally:

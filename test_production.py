@@ -10,6 +10,7 @@ database without touching the server others share. Requests go over loopback wit
 """
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -429,6 +430,23 @@ async def test_start_refuses_when_pools_exceed_max_connections(tmp_path: Path) -
     assert 0 != returncode
     assert "4 workers x (DB_POOL_SIZE 100 + DB_MAX_OVERFLOW 5) = 420 connections >" in log
     assert "Booting worker" not in log
+
+
+async def test_each_request_is_logged_once_as_json(service: Gunicorn) -> None:
+    """One access log line per request, the app's (JSON), none from gunicorn or uvicorn."""
+    request_ids = [f"log-once-{uuid.uuid4().hex}" for _ in range(10)]
+
+    async def call(request_id: str) -> None:
+        async with service.client() as client:  # a connection each, so both workers answer
+            await client.get(f"{USERS}/1", headers={"X-Request-ID": request_id})
+
+    await asyncio.gather(*(call(request_id) for request_id in request_ids))
+    await asyncio.sleep(0.2)
+    lines = service.log().splitlines()
+    for request_id in request_ids:
+        logged = [line for line in lines if request_id in line]
+        assert 1 == len(logged), logged
+        assert "users.access" == json.loads(logged[0])["logger"]
 
 
 # --- compose.yaml's initdb/ ---------------------------------------------------------------

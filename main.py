@@ -27,6 +27,7 @@ from hashlib import blake2b
 from importlib.resources import files
 from typing import Annotated, Any
 
+import email_validator
 from email_validator import EmailNotValidError, validate_email
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +48,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import Base, User
@@ -662,7 +664,18 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
             405: f"{request.method} is not allowed here.",
         }.get(exc.status_code, str(exc.detail))
     )
+    if exc.status_code == 405:
+        return problem(405, detail, {"Allow": allowed_methods(request.scope)})
     return problem(exc.status_code, detail, exc.headers)
+
+
+def allowed_methods(scope: Scope) -> str:
+    """Every method served at this path: Starlette's own Allow names only those of its first route."""
+    # A bare scope: the request's own carries the routing state of the route that answered.
+    bare = {"type": "http", "path": scope["path"], "root_path": scope.get("root_path", ""), "method": ""}
+    # app.routes holds the included router as one entry; api.routes has its routes, prefix and all.
+    routes = [r for r in (*app.routes, *api.routes) if isinstance(r, Route) and r.matches(bare)[0] is not Match.NONE]
+    return ", ".join(sorted({method for route in routes for method in route.methods or ()}))
 
 
 @app.exception_handler(RequestValidationError)
@@ -687,6 +700,11 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
 # --- Schemas -----------------------------------------------------------------------------
 
 
+# The contract is the syntax (API.md). The special-use domains email_validator rejects on top
+# (.test, .invalid, .local, ...) are syntactically valid, and this service sends no mail to them.
+email_validator.SPECIAL_USE_DOMAIN_NAMES.clear()
+
+
 def normalize_email(value: str) -> str:
     """Check the syntax; lower-case the domain and keep the local part as given."""
     try:
@@ -697,11 +715,32 @@ def normalize_email(value: str) -> str:
     return f"{local}@{domain.lower()}"
 
 
+# format "email" tells clients (and schemathesis) that any string will not do.
 Email = Annotated[
-    str, StringConstraints(max_length=254), AfterValidator(normalize_email), Field(examples=["ada@example.com"])
+    str,
+    StringConstraints(max_length=254),
+    AfterValidator(normalize_email),
+    Field(examples=["ada@example.com"], json_schema_extra={"format": "email"}),
 ]
+# What strip_whitespace trims (Unicode White_Space), spelled out: ECMA, Python and Rust regex
+# engines each read \s differently.
+WHITE_SPACE = r"\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def trimmed_name_schema(schema: dict[str, Any]) -> None:
+    """Say "1 to 100 characters after trimming" in JSON Schema, whose lengths count the white space too."""
+    del schema["minLength"], schema["maxLength"]
+    schema["pattern"] = rf"^[{WHITE_SPACE}]*[^{WHITE_SPACE}]([\s\S]{{0,98}}[^{WHITE_SPACE}])?[{WHITE_SPACE}]*$"
+
+
 Name = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), Field(examples=["Ada Lovelace"])
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+    Field(
+        examples=["Ada Lovelace"],
+        description="1 to 100 characters after trimming surrounding white space.",
+        json_schema_extra=trimmed_name_schema,
+    ),
 ]
 # RFC 3339 with the offset, always six fractional digits (pydantic drops them when zero).
 Timestamp = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(timespec="microseconds"), return_type=str)]
@@ -981,4 +1020,5 @@ if __name__ == "__main__":
 
     # loop="asyncio": on uvloop, aiomysql meets a connection the server closed with a RuntimeError,
     # not a driver error, and the dead connection is never replaced (aio-libs/aiomysql#966).
-    uvicorn.run("main:app", reload=True, loop="asyncio", forwarded_allow_ips=",".join(settings.trusted_proxies) or "")
+    # forwarded_allow_ips: X-Forwarded-For only from TRUSTED_PROXIES (uvicorn's default believes 127.0.0.1).
+    uvicorn.run("main:app", reload=True, loop="asyncio", forwarded_allow_ips=list(settings.trusted_proxies))

@@ -4,7 +4,8 @@
 
 Each sample is charged to the innermost frame that belongs to a known part of the stack
 (frames of asyncio, contextlib and other plumbing are looked through), so the shares add
-up to 100 % of the samples in which the worker was busy.
+up to 100 % of the samples in which the worker was running Python (run.py records with
+--gil: time in system calls, such as the socket writes, is left out).
 """
 
 import re

@@ -269,6 +269,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18400, help="first of the ports the servers use")
     parser.add_argument("--scenarios", default="get,first,deep,create,overload")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory check")
+    parser.add_argument("--skip-current", action="store_true", help="with --against: only those, not this folder")
     parser.add_argument(
         "--against",
         action="append",
@@ -304,7 +305,8 @@ def main() -> None:
         # seconds, measuring start-up instead of serving, and hide the memory growth measured here.
         "MAX_REQUESTS": "0",
     }
-    sources = {"": ROOT, **{label: checkout(label, stamp) for label in args.against}}
+    sources = {"": ROOT} if not args.skip_current else {}
+    sources.update({label: checkout(label, stamp) for label in args.against})
     servers: list[Server] = []
     try:
         variants = [(label, source, driver) for label, source in sources.items() for driver in args.drivers.split(",")]
@@ -434,6 +436,10 @@ def record_profile(server: Server, scenario: dict, seconds: float, stamp: str) -
                 str(int(seconds)),
                 "--rate",
                 "250",
+                # Only while the worker holds the GIL, that is runs Python: a sample taken while
+                # it waits in send() measures the scheduler (the database or wrk woken on the same
+                # 2 cores), not our code.
+                "--gil",
                 "--format",
                 "raw",
                 "--output",

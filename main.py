@@ -439,8 +439,9 @@ RATE_TABLE_PROBES = 8
 # Seconds one Redis call may take. A healthy one takes under a millisecond; the margin is for
 # a busy machine, where a spurious timeout would loosen the limit to per container for a while.
 REDIS_TIMEOUT = 0.25
-# Seconds Redis is left alone after it failed, so an outage costs one timeout per pause,
-# not one per request.
+# Failures in a row after which Redis counts as out: one slow answer on a busy machine does not.
+REDIS_FAILURES_TO_PAUSE = 3
+# Seconds Redis is then left alone, so an outage costs one timeout per pause, not one per request.
 REDIS_PAUSE = 5.0
 
 
@@ -533,6 +534,7 @@ class RedisRateLimiter:
         )
         self.gcra = self.redis.register_script(GCRA_SCRIPT)
         self.args = (window / limit, window)
+        self.failures = 0  # in a row
         self.paused_until = 0.0
 
     async def connect(self) -> None:
@@ -554,16 +556,21 @@ class RedisRateLimiter:
         except (RedisError, OSError) as exc:  # OSError: TimeoutError, and a refused connection
             self.failed(exc)
             return None
-        if self.paused_until:
-            self.paused_until = 0.0
+        if self.failures >= REDIS_FAILURES_TO_PAUSE:
             log.warning("Redis is back: the rate limit is shared again")
+        self.failures = 0
         return allowed == 1, float(ahead)
 
     def failed(self, exc: Exception) -> None:
-        """Leave Redis alone for REDIS_PAUSE: a stalled Redis costs one timeout per pause, not one per request."""
-        if time.monotonic() >= self.paused_until:  # the first of the requests that were waiting on it
-            log.warning("Redis is out (%r): the rate limit is per container for %g s", exc, REDIS_PAUSE)
-        self.paused_until = time.monotonic() + REDIS_PAUSE
+        """Count a failure; after REDIS_FAILURES_TO_PAUSE in a row, leave Redis alone for REDIS_PAUSE.
+
+        A circuit breaker: a stalled Redis then costs one timeout per pause, not one per request.
+        """
+        self.failures += 1
+        if self.failures == REDIS_FAILURES_TO_PAUSE:  # requests that waited together fail together: log once
+            log.warning("Redis is out (%r): the rate limit is per container for a while", exc)
+        if self.failures >= REDIS_FAILURES_TO_PAUSE:
+            self.paused_until = time.monotonic() + REDIS_PAUSE
 
 
 class RateLimitMiddleware:

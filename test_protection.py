@@ -21,7 +21,7 @@ import textwrap
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +29,21 @@ from pathlib import Path
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import make_url, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.types import Receive, Scope, Send
 
 import main
-from settings import Settings
+from settings import Settings, settings
 
 HERE = Path(__file__).parent
 TEST_MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "")
 REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/0")
 KEYS = ("h3-key-old", "h3-key-new")
 USERS = "/api/v1/users"
-PORTS = iter(range(18310, 18400))
+# From a place of this process's own, so that two runs side by side rarely try the same port.
+_START = 18310 + os.getpid() % 90
+PORTS: Iterator[int] = iter([*range(_START, 18400), *range(18310, _START)])
 # What no error answer may contain: a traceback, SQL, or the name of a driver or of its errors.
 LEAKS = re.compile(
     r"Traceback|File \"|sqlalchemy|aiomysql|pymysql|aiosqlite|sqlite3|OperationalError|ProgrammingError|"
@@ -76,13 +79,21 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def workers(self) -> list[int]:
-        """The process ids of gunicorn's workers."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
-        return [int(pid) for pid in children.split()]
+    async def workers(self, count: int) -> list[int]:
+        """The process ids of gunicorn's workers, once count of them have started their app."""
+        for _ in range(100):
+            children = children_of(self.process.pid)
+            if len(children) == count and self.log().count("Application startup complete") >= count:
+                return children
+            await asyncio.sleep(0.1)
+        pytest.fail(f"gunicorn did not start {count} workers within 10 s:\n{self.log()}")
 
 
-def service_env(folder: Path, settings: dict[str, str], port: int = 0) -> dict[str, str]:
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def service_env(folder: Path, overrides: dict[str, str], port: int = 0) -> dict[str, str]:
     """The environment of a service: this test's settings, none of the test process's own."""
     names = {name.upper() for name in Settings.model_fields}
     inherited = {
@@ -95,7 +106,7 @@ def service_env(folder: Path, settings: dict[str, str], port: int = 0) -> dict[s
         "PYTHONPATH": str(HERE),
         "DATABASE_URL": f"sqlite+aiosqlite:///{folder / f'users-{port}.db'}",
         "API_KEYS": ",".join(KEYS),
-        **settings,
+        **overrides,
     }
 
 
@@ -111,16 +122,16 @@ def uvicorn_command(port: int) -> list[str]:
 
 
 @asynccontextmanager
-async def serve(folder: Path, command: list[str], port: int, **settings: str) -> AsyncIterator[Server]:
+async def serve(folder: Path, command: list[str], port: int, **overrides: str) -> AsyncIterator[Server]:
     """Start a server in folder (no .env there), wait until /health answers, stop it at the end.
 
     Gunicorn runs in production, as deployed; uvicorn in development, as on a laptop.
     """
-    settings = {"ENVIRONMENT": "production" if "gunicorn" in command else "development", **settings}
+    overrides = {"ENVIRONMENT": "production" if "gunicorn" in command else "development", **overrides}
     log_path = folder / f"server-{port}.log"
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            *command, cwd=folder, env=service_env(folder, settings, port), stdout=log, stderr=subprocess.STDOUT
+            *command, cwd=folder, env=service_env(folder, overrides, port), stdout=log, stderr=subprocess.STDOUT
         )
     server = Server(process, port, log_path)
     try:
@@ -145,10 +156,10 @@ async def serve(folder: Path, command: list[str], port: int, **settings: str) ->
             await process.wait()
 
 
-async def exit_of(folder: Path, command: list[str], **settings: str) -> tuple[int, str]:
+async def exit_of(folder: Path, command: list[str], **overrides: str) -> tuple[int, str]:
     """Run a server that is expected to refuse to start; return its exit code and its output."""
     process = await asyncio.create_subprocess_exec(
-        *command, cwd=folder, env=service_env(folder, settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        *command, cwd=folder, env=service_env(folder, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     output, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
@@ -350,7 +361,7 @@ async def test_rate_limit_holds_for_gunicorn_with_2_workers(tmp_path: Path, caps
     limit, port = 100, next_port()
     # A window of 10 minutes: the quota refilled during the test stays under 1 %.
     async with serve(tmp_path, gunicorn_command(port, 2), port, RATE_LIMIT=str(limit), RATE_LIMIT_WINDOW="600") as s:
-        workers = s.workers()
+        workers = await s.workers(2)
         before = [writes(pid) for pid in workers]
         result = await burst([s.url], 3 * limit)
         served = [writes(pid) - b for pid, b in zip(workers, before, strict=True)]
@@ -386,6 +397,38 @@ async def test_429_is_a_problem_with_retry_after_and_ratelimit_headers(tmp_path:
     assert rejected.headers["x-request-id"]
     # /health is for the load balancer: never limited, and not counted.
     assert 200 == health.status_code and "ratelimit" not in health.headers
+
+
+async def test_429_is_answered_without_the_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the limit, the middleware answers alone: no database connection is checked out for a 429."""
+    if settings.rate_limit > 1000:
+        pytest.skip(f"RATE_LIMIT={settings.rate_limit} in this environment: too many requests to reach it here")
+    monkeypatch.setattr(
+        main,
+        "settings",
+        settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{tmp_path / 'users.db'}"}),
+    )
+    checkouts = Counter[str]()
+    async with main.app.router.lifespan_context(main.app) as state:
+        assert state is not None
+        event.listen(state["engine"].sync_engine.pool, "checkout", lambda *_: checkouts.update(["checkout"]))
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["state"] = dict(state)  # what a server does with the lifespan's state
+            await main.app(scope, receive, send)
+
+        keys = settings.api_keys
+        headers = {"Authorization": f"Bearer {keys[0].get_secret_value()}"} if keys else {}
+        transport = httpx.ASGITransport(app=app, client=(f"192.0.2.{os.getpid() % 250}", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers) as client:
+            statuses = Counter[int]()
+            while statuses[429] == 0:
+                statuses[(await client.get(USERS)).status_code] += 1
+            used = checkouts["checkout"]
+            rejected = [(await client.get(USERS)).status_code for _ in range(20)]
+    assert [429] * 20 == rejected
+    assert used == checkouts["checkout"]
+    assert settings.rate_limit == statuses[200]
 
 
 async def test_invented_x_forwarded_for_does_not_dodge_the_limit(
@@ -550,42 +593,43 @@ async def test_redis_cut_off_mid_test_degrades_to_the_local_limit_without_5xx(
     # Container a's own table is used up by now: these successes are Redis's memory of the
     # half used before the cut.
     assert 0.4 * limit <= after.successes <= 0.7 * limit
-    assert "Redis is out" in logs and "the rate limit is per container" in logs
+    assert "Redis is out" in logs and "the rate limit is per container for a while" in logs
     assert "Redis is back: the rate limit is shared again" in logs
 
 
 # --- Input limits --------------------------------------------------------------------------
 
 
-async def raw_exchange(port: int, head: bytes, chunks: list[bytes], wait: float = 2.0) -> tuple[bytes, int]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response with a Content-Length: its status, headers and body."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *lines = head.split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+async def raw_exchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[int, dict[str, str], bytes, int]:
     """Send head, then chunks until the server answers; return the answer and how many chunks went."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(head)
-    sent = 0
-    answer = b""
     try:
+        writer.write(head)
+        answer = asyncio.ensure_future(read_response(reader))
+        sent = 0
         for chunk in chunks:
-            with suppress(TimeoutError):
-                answer = await asyncio.wait_for(reader.read(65536), 0.05)
-            if answer:
+            await asyncio.wait([answer], timeout=0.05)
+            if answer.done():
                 break
-            writer.write(chunk)
-            await writer.drain()
+            try:
+                writer.write(chunk)
+                await writer.drain()
+            except ConnectionError:  # the server answered and closed
+                break
             sent += 1
-        if not answer:
-            answer = await asyncio.wait_for(reader.read(65536), wait)
-    except ConnectionError:
-        pass
+        status, headers, body = await asyncio.wait_for(answer, 5)
+        return status, headers, body, sent
     finally:
         writer.transport.abort()
-    return answer, sent
-
-
-def parse(answer: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
 
 
 async def test_body_over_the_limit_by_content_length_is_413_before_the_body_is_sent(production: Server) -> None:
@@ -594,8 +638,7 @@ async def test_body_over_the_limit_by_content_length_is_413_before_the_body_is_s
         f"POST {USERS} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEYS[0]}\r\n"
         "Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
     ).encode()
-    answer, _ = await raw_exchange(production.port, head, [])
-    status, headers, body = parse(answer)
+    status, headers, body, _ = await raw_exchange(production.port, head, [])
     assert 413 == status
     assert "application/problem+json" == headers["content-type"]
     assert headers["x-request-id"]
@@ -609,8 +652,7 @@ async def test_chunked_body_over_the_limit_is_413_before_its_end(production: Ser
         "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     ).encode()
     chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"  # 16 KiB of JSON white space
-    answer, sent = await raw_exchange(production.port, head, [chunk] * 64)
-    status, headers, _ = parse(answer)
+    status, headers, _, sent = await raw_exchange(production.port, head, [chunk] * 64)
     assert 413 == status
     assert "application/problem+json" == headers["content-type"]
     assert headers["x-request-id"]
@@ -678,7 +720,7 @@ async def live(tmp_path: Path, environment: str, database: str) -> AsyncIterator
     """A server in this environment on this database (a fresh one); yields it and its database URL."""
     port = next_port()
     url = f"sqlite+aiosqlite:///{tmp_path / 'users.db'}"
-    name = f"test_h3_{environment}"
+    name = f"test_h3_{environment}_{os.getpid()}"  # two runs side by side never share it
     if database == "mysql":
         if not TEST_MYSQL_URL:
             pytest.skip("TEST_MYSQL_URL is not set: the MariaDB half of this test did not run")

@@ -8,7 +8,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 class Settings(BaseSettings):
     # extra="forbid": an unknown key in .env (a typo) stops the service at start.
-    model_config = SettingsConfigDict(env_file=".env", extra="forbid", frozen=True)
+    # hide_input_in_errors: that error names the setting, never its value, which may be a
+    # password (DATABASE_URL, REDIS_URL) or a key, and would land in the deployment's logs.
+    model_config = SettingsConfigDict(env_file=".env", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     environment: Literal["development", "production"] = "development"
     # SQLite file in the working folder, so the service runs with no database server.

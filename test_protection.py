@@ -223,9 +223,11 @@ def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
 async def test_production_without_api_keys_refuses_to_start_and_says_what_to_set(tmp_path: Path, server: str) -> None:
     """ENVIRONMENT=production with no API_KEYS exits non-zero at start, naming API_KEYS."""
     command = gunicorn_command(next_port(), 1) if server == "gunicorn" else uvicorn_command(next_port())
-    code, output = await exit_of(tmp_path, command, ENVIRONMENT="production", API_KEYS="")
+    database = "mysql+aiomysql://app:s3cret-pass@127.0.0.1:1/users"
+    code, output = await exit_of(tmp_path, command, ENVIRONMENT="production", API_KEYS="", DATABASE_URL=database)
     assert 0 != code
     assert "ENVIRONMENT=production needs API_KEYS" in output
+    assert "pass" not in output  # nor any piece of the other settings' secrets
 
 
 @pytest.fixture(scope="module")

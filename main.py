@@ -578,8 +578,6 @@ class RateLimitMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.window = settings.rate_limit_window
-        self.interval = settings.rate_limit_window / settings.rate_limit
         # Not a setting: gunicorn's master sets it for the workers it forks (gunicorn.conf.py).
         self.table = RateLimitTable(settings.rate_limit, settings.rate_limit_window, os.environ.get("RATE_LIMIT_TABLE"))
         self.policy = f'"default";q={settings.rate_limit};w={settings.rate_limit_window}'.encode()
@@ -598,9 +596,9 @@ class RateLimitMiddleware:
         allowed, ahead = verdict
         # Requests left now, and "t": seconds until one more is (draft -10: "until additional
         # quota is made available"). The 1e-9 absorbs float error at whole numbers.
-        quota = (self.window - ahead) / self.interval
+        quota = (self.table.window - ahead) / self.table.interval
         remaining = max(0, math.floor(quota + 1e-9)) if allowed else 0
-        wait = max(1, math.ceil((remaining + 1 - quota) * self.interval - 1e-9))
+        wait = max(1, math.ceil((remaining + 1 - quota) * self.table.interval - 1e-9))
         headers = [
             (b"ratelimit-policy", self.policy),
             (b"ratelimit", f'"default";r={remaining};t={wait}'.encode()),

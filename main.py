@@ -21,7 +21,7 @@ import time
 import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from hashlib import blake2b
 from importlib.resources import files
@@ -276,21 +276,23 @@ async def create_schema_and_demo_users(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         if await conn.scalar(select(func.count()).select_from(User)) == 0:
             now = datetime.now(UTC)
-            await conn.execute(
-                insert(User),
-                [
-                    {
-                        "email": e,
-                        "email_key": e.lower(),
-                        "name": n,
-                        "is_active": True,
-                        "created_at": now,
-                        "updated_at": now,
-                        "version": 1,
-                    }
-                    for e, n in DEMO_USERS
-                ],
-            )
+            # Several workers may find the table empty at once; the unique index lets one seed it.
+            with suppress(IntegrityError):
+                await conn.execute(
+                    insert(User),
+                    [
+                        {
+                            "email": e,
+                            "email_key": e.lower(),
+                            "name": n,
+                            "is_active": True,
+                            "created_at": now,
+                            "updated_at": now,
+                            "version": 1,
+                        }
+                        for e, n in DEMO_USERS
+                    ],
+                )
 
 
 @asynccontextmanager

@@ -517,6 +517,10 @@ def render(args, stamp, plan, servers, runs, memory, profile) -> str:
         if {"deep", "first"} <= keys:
             value = median(ratios(name, "deep", "rps", other=name, other_key="first"))
             checks.append(("deep page req/s / own first page", f"{value:.2f}", ">= 0.90", value >= 0.90))
+            # The same, by worker CPU per request: what a deep page costs the service itself.
+            value = median(ratios(name, "first", "cpu_us", other=name, other_key="deep"))
+            label = "deep page: own first page CPU/req / deep CPU/req"
+            checks.append((label, f"{value:.2f}", ">= 0.90", value >= 0.90))
         if "overload" in keys:
             rs = pick(name, "overload")
             bad = sum(r["socket_errors"] + r["timeout"] + r.get("5xx", 0) for r in rs)

@@ -41,7 +41,7 @@ class Worker(UvicornWorker):
         # Python's own event loop, not uvloop: on uvloop, aiomysql writing to a connection the
         # server or network has closed raises RuntimeError instead of a driver error, so the
         # dead connection is neither detected nor replaced and the request fails with a 500
-        # (aio-libs/aiomysql#966; found by test_production.py).
+        # (aio-libs/aiomysql#966; found by the production tests in test_main.py).
         "loop": "asyncio",
         # The one access log line per request is AccessLogMiddleware's; uvicorn's would double it.
         "access_log": False,

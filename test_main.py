@@ -1,9 +1,24 @@
-"""The service's HTTP contract, rule by rule, on a real SQLite file and a real MariaDB.
+"""The service's specification, rule by rule, against real databases; nothing of ours is mocked.
 
-Every test runs twice: on a fresh SQLite file, and on the MySQL or MariaDB database named by
-TEST_MYSQL_URL (for example mysql+aiomysql://root@127.0.0.1:3306/test_users); without that
-variable the second run is skipped, and says so. Requests go through the whole ASGI app, its
-middleware and its lifespan, with httpx; nothing of ours is mocked.
+The sections, in order:
+  - The resource ... Configuration: the HTTP contract, through the whole ASGI app, its
+    middleware and its lifespan, with httpx. Each test of the app runs twice: on a fresh
+    SQLite file, and on MariaDB.
+  - Production: gunicorn with gunicorn.conf.py on MariaDB, behind a TCP proxy the tests own,
+    so they can cut, stall and restore the database without touching the server others share:
+    start, the database gone and back, connections killed or idle, SIGTERM under load, and
+    nothing answered 201 lost.
+  - Protection: API keys, the rate limit across workers, containers and a Redis outage, input
+    limits, and error answers that tell nothing of the inside.
+  - Schemathesis: an independent client of the OpenAPI schema, on SQLite and MariaDB.
+
+MariaDB is the database TEST_MYSQL_URL names (for example
+mysql+aiomysql://root@127.0.0.1:3306/test_users), and databases the tests create beside it
+(test_users_production_<pid>, ...) and drop again; without TEST_MYSQL_URL every test that
+needs MariaDB is skipped, and says so. Redis is REDIS_TEST_URL (redis://127.0.0.1:6379/0 by
+default), under key prefixes of the tests' own that they delete again; without it the Redis
+tests are skipped. Servers run as subprocesses, gunicorn as deployed and uvicorn as in
+development, each in a folder of its own, on ports the kernel picks.
 """
 
 import asyncio
@@ -12,23 +27,51 @@ import json
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import delete, insert
+from redis.asyncio import Redis
+from sqlalchemy import URL, delete, event, insert, make_url, select, text
+from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+from sqlalchemy.schema import CreateTable
 from starlette.types import Receive, Scope, Send
 
 import main
 from models import Base, User
-from settings import settings
+from settings import Settings, settings
 
+HERE = Path(__file__).parent
+TEST_MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "")
+REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/0")
+# The API keys of the servers the tests start (the ASGI app keeps the test process's own).
+KEYS = ("test-key-old", "test-key-new")
 USERS = "/api/v1/users"
 RFC3339_MICROSECONDS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)")
+# What no error answer may contain: a traceback, SQL, or the name of a driver or of its errors.
+LEAKS = re.compile(
+    r"Traceback|File \"|sqlalchemy|aiomysql|pymysql|aiosqlite|sqlite3|OperationalError|ProgrammingError|"
+    r"IntegrityError|Errno|duplicate entry|unique constraint|\bSELECT\b|\bINSERT\b|\bUPDATE\b|\bDELETE FROM\b|"
+    r"no such table|\(\d{4}, ",
+    re.IGNORECASE,
+)
 
 
 # --- Fixtures ------------------------------------------------------------------------------
@@ -39,10 +82,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of a test database: a new SQLite file, or TEST_MYSQL_URL."""
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'users.db'}"
-    url = os.environ.get("TEST_MYSQL_URL")
-    if not url:
+    if not TEST_MYSQL_URL:
         pytest.skip("TEST_MYSQL_URL is not set: the MySQL/MariaDB half of the suite did not run")
-    return url
+    return TEST_MYSQL_URL
 
 
 async def recreate_tables(url: str) -> None:
@@ -838,18 +880,7 @@ async def test_error_bodies_carry_no_stack_trace_sql_or_driver_message(client: h
 
     for response in responses:
         assert response.status_code >= 400
-        text = response.text.lower()
-        for leak in (
-            "traceback",
-            "select ",
-            "insert ",
-            "sqlalchemy",
-            "integrityerror",
-            "duplicate entry",
-            "unique constraint",
-            'file "',
-        ):
-            assert leak not in text, response.text
+        assert not LEAKS.search(response.text), response.text
 
 
 # --- X-Request-ID --------------------------------------------------------------------------
@@ -1007,9 +1038,1362 @@ async def test_concurrent_deletes_give_one_204(client: httpx.AsyncClient, if_mat
 
 def test_env_example_lists_every_setting() -> None:
     """.env.example names each field of settings.py, and nothing else, and loads as it is."""
-    lines = (Path(__file__).parent / ".env.example").read_text().splitlines()
+    lines = (HERE / ".env.example").read_text().splitlines()
     # A setting line is KEY=value, or "# KEY=value" for one that is best left unset.
     keys = {m[1].lower() for line in lines if (m := re.fullmatch(r"(?:# )?([A-Z_]+)=.*", line))}
 
-    assert set(type(settings).model_fields) == keys
-    type(settings)(_env_file=Path(__file__).parent / ".env.example")
+    assert set(Settings.model_fields) == keys
+    Settings(_env_file=HERE / ".env.example")
+
+
+# --- Servers, a TCP proxy and databases of the tests' own ----------------------------------
+
+
+def free_port() -> int:
+    """A port no one listens on, picked by the kernel, for a server to listen on next."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# Read beside settings.py, by gunicorn.conf.py, its workers or uvicorn: a test sets them itself.
+SERVER_VARIABLES = {"RATE_LIMIT_TABLE", "WEB_CONCURRENCY", "PORT", "FORWARDED_ALLOW_IPS"}
+
+
+def service_env(folder: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a service process: these settings, none of the test process's own."""
+    own = {name.upper() for name in Settings.model_fields} | SERVER_VARIABLES
+    return {
+        **{k: v for k, v in os.environ.items() if k not in own},
+        "PYTHONPATH": str(HERE),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{folder / 'users.db'}",
+        "API_KEYS": ",".join(KEYS),
+        **overrides,
+    }
+
+
+class Server:
+    """gunicorn with gunicorn.conf.py in production, as deployed, or uvicorn in development, as on a laptop.
+
+    A subprocess in a folder of its own (no .env there), on SQLite unless DATABASE_URL says
+    otherwise, its output in a file. Every request comes from 127.0.0.1, so the rate limit is
+    out of reach unless a test sets RATE_LIMIT.
+    """
+
+    def __init__(self, folder: Path, program: str = "gunicorn", workers: int = 2, **env: str) -> None:
+        self.port = free_port()
+        self.log_path = folder / f"{program}-{self.port}.log"
+        if program == "gunicorn":
+            # --no-control-socket: gunicorn's control socket in ~/.gunicorn is one for every instance.
+            self.command = [
+                sys.executable, "-m", "gunicorn", "-c", str(HERE / "gunicorn.conf.py"), "main:app",
+                "--no-control-socket",
+            ]  # fmt: skip
+            env = {"ENVIRONMENT": "production", "WEB_CONCURRENCY": str(workers), "PORT": str(self.port), **env}
+        else:
+            self.command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(self.port), "--no-access-log"]
+        # A file of its own: two servers in one folder are two containers, each with its own disk.
+        database = f"sqlite+aiosqlite:///{folder / f'users-{self.port}.db'}"
+        self.env = service_env(folder, **{"DATABASE_URL": database, "RATE_LIMIT": "1000000", **env})
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> "Server":
+        """Start the server and wait until /health answers; stop it again if it does not."""
+        await self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command, cwd=self.log_path.parent, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    async def wait_ready(self) -> None:
+        assert self.process is not None
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            for _ in range(150):
+                if self.process.returncode is not None:
+                    pytest.fail(f"{self.command[2]} exited with {self.process.returncode}:\n{self.log()}")
+                with suppress(httpx.TransportError):
+                    if (await client.get("/health")).status_code == 200:
+                        return
+                await asyncio.sleep(0.2)
+        pytest.fail(f"{self.command[2]} did not answer /health within 30 s:\n{self.log()}")
+
+    async def wait_exit(self, within: float) -> int:
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), within)
+
+    async def exit_code(self, within: float) -> int:
+        """Start a server that is expected to refuse to start; return its exit code."""
+        await self.start()
+        try:
+            return await self.wait_exit(within)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """SIGTERM, as an orchestrator stops a container; SIGKILL after 30 s."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        with suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            await self.wait_exit(30)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+    async def workers(self, count: int) -> list[int]:
+        """The process ids of gunicorn's workers, once count of them have started their app."""
+        for _ in range(100):
+            pids = self.children()
+            if len(pids) == count and self.log().count("Application startup complete") >= count:
+                return pids
+            await asyncio.sleep(0.1)
+        pytest.fail(f"gunicorn did not start {count} workers within 10 s:\n{self.log()}")
+
+    def children(self) -> list[int]:
+        assert self.process is not None
+        pid = self.process.pid
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, key: str | None = KEYS[0], **kwargs: Any) -> httpx.AsyncClient:
+        """A client of this server that sends key as its bearer key (none when None)."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, **kwargs)
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with a TCP reset, as a crashed server or a dropped route does."""
+    if writer.transport.is_closing():
+        return
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@dataclass(eq=False)
+class Link:
+    client: asyncio.StreamWriter
+    server: asyncio.StreamWriter | None = None
+    last_active: float = field(default_factory=time.monotonic)
+
+    def reset(self) -> None:
+        for writer in (self.client, self.server):
+            if writer is not None:
+                reset(writer)
+
+
+class TcpProxy:
+    """Forward TCP to a server (MariaDB, Redis); cut (refuse and reset), stall (forward nothing), or restore.
+
+    With idle_cut set, connections idle that many seconds are reset, as a NAT gateway or a
+    load balancer does.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.port = 0  # the kernel picks one at start; restore listens on it again
+        self.upstream = (upstream_host, upstream_port)
+        self.links: set[Link] = set()
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.swallow = False
+        self.server: asyncio.Server | None = None
+        self.idle_cut: float | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> "TcpProxy":
+        await self.listen()
+        self.tasks.add(asyncio.create_task(self.cut_idle_links()))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cut()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def listen(self) -> None:
+        self.server = await asyncio.start_server(self.accept, "127.0.0.1", self.port, reuse_address=True)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for link in list(self.links):
+            link.reset()
+        self.links.clear()
+        self.flowing.set()
+
+    def stall(self, swallow: bool = False) -> None:
+        """Keep accepting connections and bytes, and forward nothing, in either direction.
+
+        What waited is delivered once restored, as by a frozen server; with swallow=True what
+        is sent meanwhile is lost, as on a dead route.
+        """
+        self.swallow = swallow
+        self.flowing.clear()
+
+    async def restore(self) -> None:
+        self.flowing.set()
+        if self.server is None:
+            await self.listen()
+
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = Link(writer)
+        self.links.add(link)
+        try:
+            await self.flowing.wait()  # a stalled database does not even send its greeting
+            up_reader, link.server = await asyncio.open_connection(*self.upstream)
+            await asyncio.gather(self.pump(reader, link.server, link), self.pump(up_reader, writer, link))
+        except (OSError, asyncio.IncompleteReadError):
+            link.reset()
+        finally:
+            self.links.discard(link)
+
+    async def pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link) -> None:
+        while data := await reader.read(65536):
+            if self.swallow and not self.flowing.is_set():
+                continue
+            await self.flowing.wait()
+            if link not in self.links:
+                return
+            link.last_active = time.monotonic()
+            writer.write(data)
+            await writer.drain()
+        writer.close()  # end of stream: pass the close on
+
+    async def cut_idle_links(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            if self.idle_cut is not None:
+                for link in list(self.links):
+                    if time.monotonic() - link.last_active > self.idle_cut:
+                        self.links.discard(link)
+                        link.reset()
+
+
+async def on_mysql_server(*statements: str) -> None:
+    """Run statements on the MariaDB server of TEST_MYSQL_URL, in no database."""
+    engine = create_async_engine(make_url(TEST_MYSQL_URL).set(database=""), poolclass=NullPool)
+    async with engine.connect() as conn:
+        for statement in statements:
+            await conn.execute(text(statement))
+    await engine.dispose()
+
+
+@asynccontextmanager
+async def fresh_database(name: str) -> AsyncIterator[URL]:
+    """A new, empty MariaDB database beside TEST_MYSQL_URL's, dropped at the end; skip without TEST_MYSQL_URL."""
+    if not TEST_MYSQL_URL:
+        pytest.skip("TEST_MYSQL_URL is not set: this MariaDB test did not run")
+    base = make_url(TEST_MYSQL_URL)
+    # The process id keeps two runs side by side apart.
+    url = base.set(database=f"{base.database or 'test'}_{name}_{os.getpid()}")
+    await on_mysql_server(
+        f"DROP DATABASE IF EXISTS `{url.database}`",
+        f"CREATE DATABASE `{url.database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+    )
+    try:
+        yield url
+    finally:
+        await on_mysql_server(f"DROP DATABASE IF EXISTS `{url.database}`")
+
+
+def render(url: URL) -> str:
+    """The URL with its password, for a service's DATABASE_URL."""
+    return url.render_as_string(hide_password=False)
+
+
+# --- Production: gunicorn on MariaDB, behind the proxy -------------------------------------
+# Gunicorn runs with 2 workers. Its database traffic goes through TcpProxy, so the tests can
+# cut, stall and restore the database without touching the server others share.
+
+# The contract: with the database gone, every answer within 2 s.
+DEADLINE = 2.0
+
+
+@pytest.fixture(scope="module")
+async def db_url() -> AsyncIterator[URL]:
+    async with fresh_database("production") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def admin(db_url: URL) -> AsyncIterator[AsyncEngine]:
+    """A direct connection to the test database, past the proxy; NullPool, so a KILL sweep skips it."""
+    engine = create_async_engine(db_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+async def proxy(db_url: URL) -> AsyncIterator[TcpProxy]:
+    async with TcpProxy(db_url.host or "127.0.0.1", db_url.port or 3306) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+async def service(db_url: URL, proxy: TcpProxy, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
+    """Gunicorn, 2 workers, reaching the database only through the proxy."""
+    url = render(db_url.set(host="127.0.0.1", port=proxy.port))
+    async with Server(tmp_path_factory.mktemp("service"), DATABASE_URL=url) as server:
+        yield server
+
+
+@pytest.fixture
+async def healthy_proxy(proxy: TcpProxy) -> AsyncIterator[TcpProxy]:
+    """The proxy, restored to forwarding whatever a test did to it."""
+    yield proxy
+    proxy.idle_cut = None
+    await proxy.restore()
+
+
+@dataclass
+class Ledger:
+    """Every user whose creation was answered 201, as it was answered."""
+
+    created: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def record(self, response: httpx.Response) -> None:
+        """Note a creation answered 201, or a later change of one answered 200."""
+        method, status = response.request.method, response.status_code
+        if (method, status) == ("POST", 201) or (method, status) == ("PATCH", 200):
+            body = response.json()
+            self.created[body["id"]] = body
+
+
+@pytest.fixture(scope="module")
+def ledger() -> Iterator[Ledger]:
+    yield Ledger()
+
+
+def new_user() -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:12]
+    return {"email": f"user-{tag}@example.com", "name": f"User {tag}", "is_active": True}
+
+
+def assert_503_problem(response: httpx.Response, elapsed: float) -> None:
+    """503, problem+json, Retry-After, within the deadline, nothing of the driver's or SQL's text."""
+    assert_problem(response, 503)
+    assert elapsed < DEADLINE, f"answered after {elapsed:.2f} s"
+    assert response.headers["retry-after"].isdigit()
+    assert not LEAKS.search(response.text), response.text
+
+
+async def timed(coroutine: Any) -> tuple[httpx.Response, float]:
+    start = time.perf_counter()
+    response = await coroutine
+    return response, time.perf_counter() - start
+
+
+async def every_endpoint_once(service: Server, ledger: Ledger, user_id: int) -> list[tuple[str, httpx.Response, float]]:
+    """One call to each endpoint, concurrently, each on its own connection (so both workers answer)."""
+
+    async def call(method: str, path: str, **kwargs: Any) -> tuple[str, httpx.Response, float]:
+        async with service.client(timeout=10) as client:
+            response, elapsed = await timed(client.request(method, path, **kwargs))
+            ledger.record(response)
+            return f"{method} {path}", response, elapsed
+
+    return list(
+        await asyncio.gather(
+            *[call("GET", "/health") for _ in range(4)],
+            *[call("GET", f"{USERS}/{user_id}") for _ in range(4)],
+            call("GET", USERS),
+            call("POST", USERS, json=new_user()),
+            call("PATCH", f"{USERS}/{user_id}", json={"name": f"Patched {uuid.uuid4().hex[:8]}"}),
+            call("DELETE", f"{USERS}/{2**62}"),
+        )
+    )
+
+
+async def some_user(service: Server, ledger: Ledger) -> int:
+    async with service.client() as client:
+        response = await client.post(USERS, json=new_user())
+    ledger.record(response)
+    assert 201 == response.status_code, response.text
+    return int(response.json()["id"])
+
+
+def worker_boots(service: Server) -> int:
+    return service.log().count("Booting worker")
+
+
+async def wait_until_answering(service: Server, user_id: int) -> float:
+    """Seconds until the service answers /health and a read normally again (at most DEADLINE + 1)."""
+    start = time.perf_counter()
+    async with service.client(timeout=5) as client:
+        while time.perf_counter() - start < DEADLINE + 1:
+            health = await client.get("/health")
+            read = await client.get(f"{USERS}/{user_id}")
+            if health.status_code == read.status_code == 200:
+                return time.perf_counter() - start
+            await asyncio.sleep(0.05)
+    pytest.fail("the service did not answer normally again")
+
+
+# --- Production: start ---------------------------------------------------------------------
+
+
+async def test_start_on_empty_database_creates_schema_once_with_4_workers(tmp_path: Path) -> None:
+    """Gunicorn with 4 workers on an empty database creates the table once and no worker fails."""
+    async with (
+        fresh_database("empty") as url,
+        Server(tmp_path, workers=4, DATABASE_URL=render(url)) as server,
+        server.client() as client,
+    ):
+        assert 200 == (await client.get(USERS)).status_code
+    log = server.log()
+    print(log)
+    assert 4 == log.count("Application startup complete")
+    assert 1 == log.count("database pool budget")
+    for failure in ("Traceback", "ERROR", "already exists", "Worker failed to boot"):
+        assert failure not in log
+
+
+async def test_start_refuses_when_pools_exceed_max_connections(tmp_path: Path) -> None:
+    """Gunicorn refuses to start when workers x (pool + overflow) exceeds max_connections, and shows the sum."""
+    async with fresh_database("budget") as url:
+        server = Server(tmp_path, workers=4, DATABASE_URL=render(url), DB_POOL_SIZE="100")
+        returncode = await server.exit_code(within=30)
+    log = server.log()
+    print(log)
+    assert 0 != returncode
+    assert "4 workers x (DB_POOL_SIZE 100 + DB_MAX_OVERFLOW 5) = 420 connections >" in log
+    assert "Booting worker" not in log
+
+
+async def test_each_request_is_logged_once_as_json(service: Server) -> None:
+    """One access log line per request, the app's (JSON), none from gunicorn or uvicorn."""
+    request_ids = [f"log-once-{uuid.uuid4().hex}" for _ in range(10)]
+
+    async def call(request_id: str) -> None:
+        async with service.client() as client:  # a connection each, so both workers answer
+            await client.get(f"{USERS}/1", headers={"X-Request-ID": request_id})
+
+    await asyncio.gather(*(call(request_id) for request_id in request_ids))
+    await asyncio.sleep(0.2)
+    lines = service.log().splitlines()
+    for request_id in request_ids:
+        logged = [line for line in lines if request_id in line]
+        assert 1 == len(logged), logged
+        assert "users.access" == json.loads(logged[0])["logger"]
+
+
+# --- Production: compose.yaml's initdb/ ----------------------------------------------------
+
+INITDB = HERE / "initdb"
+
+
+def schema_sql() -> str:
+    """initdb/01-schema.sql as it must be: the users table of models.py, as MySQL DDL."""
+    ddl = str(CreateTable(Base.metadata.tables[User.__tablename__]).compile(dialect=mysql.dialect())).strip()
+    return (
+        "-- The users table, generated from models.py; do not edit (test_main.py checks it):\n"
+        "-- python -c 'import test_main as t; print(t.schema_sql(), end=\"\")' > initdb/01-schema.sql\n"
+        f"{ddl};\n"
+    )
+
+
+def test_initdb_schema_is_generated_from_models() -> None:
+    """initdb/01-schema.sql is exactly the DDL SQLAlchemy generates from models.py for MySQL."""
+    assert schema_sql() == (INITDB / "01-schema.sql").read_text()
+
+
+async def test_initdb_creates_the_table_create_all_creates_and_the_demo_users() -> None:
+    """The initdb scripts, run as MySQL's entrypoint runs them, give create_all's table and main.py's demo users."""
+    async with fresh_database("initdb") as by_initdb, fresh_database("create_all") as by_create_all:
+        engines = [create_async_engine(url, poolclass=NullPool) for url in (by_initdb, by_create_all)]
+        try:
+            async with engines[0].begin() as conn:
+                for script in sorted(INITDB.glob("*.sql")):
+                    for statement in script.read_text().split(";\n"):
+                        if statement.strip():
+                            await conn.exec_driver_sql(statement)
+                demo = (await conn.execute(select(User.email, User.name).order_by(User.id))).all()
+            async with engines[1].begin() as conn:
+                await conn.run_sync(Base.metadata.create_all)
+            tables = []
+            for engine in engines:
+                async with engine.connect() as conn:
+                    ddl = (await conn.execute(text("SHOW CREATE TABLE users"))).one()[1]
+                    tables.append(re.sub(r" AUTO_INCREMENT=\d+", "", ddl))  # the next id is data, not schema
+        finally:
+            for engine in engines:
+                await engine.dispose()
+    assert tables[1] == tables[0]
+    assert main.DEMO_USERS == [tuple(row) for row in demo]
+
+
+# --- Production: the database unreachable, then back ---------------------------------------
+
+
+async def assert_back_within_deadline(
+    service: Server, proxy: TcpProxy, ledger: Ledger, user_id: int, boots: int
+) -> None:
+    """Restore the database: the service answers normally within DEADLINE, and no worker was restarted."""
+    await proxy.restore()
+    recovered = await wait_until_answering(service, user_id)
+    print(f"back after restore: {recovered:.3f} s")
+    assert recovered < DEADLINE
+    for name, response, _ in await every_endpoint_once(service, ledger, user_id):
+        assert response.status_code < 500, f"{name}: {response.status_code}"
+    assert boots == worker_boots(service), "a worker was restarted"
+
+
+async def test_database_cut_is_503_within_2s_then_back_within_2s(
+    service: Server, healthy_proxy: TcpProxy, ledger: Ledger
+) -> None:
+    """With connections refused and reset, every endpoint answers 503 within 2 s; when back, 200 within 2 s."""
+    user_id = await some_user(service, ledger)
+    boots = worker_boots(service)
+    await every_endpoint_once(service, ledger, user_id)  # connections in both pools
+
+    healthy_proxy.cut()
+    for name, response, elapsed in await every_endpoint_once(service, ledger, user_id):
+        print(f"cut: {name} -> {response.status_code} in {elapsed:.3f} s")
+        assert_503_problem(response, elapsed)
+        if name == "GET /health":
+            assert {"database": "unavailable"} == response.json()["checks"]
+
+    await assert_back_within_deadline(service, healthy_proxy, ledger, user_id, boots)
+
+
+@pytest.mark.parametrize("idle", [0.0, 2.5], ids=["busy-connections", "idle-connections"])
+async def test_database_stalled_is_503_within_2s_then_back_within_2s(
+    service: Server, healthy_proxy: TcpProxy, ledger: Ledger, idle: float
+) -> None:
+    """With a database that accepts and never answers, every endpoint answers 503 within 2 s; when back, 200."""
+    user_id = await some_user(service, ledger)
+    boots = worker_boots(service)
+    await every_endpoint_once(service, ledger, user_id)
+    # Connections idle longer than IDLE_PING_AFTER are pinged at checkout; fresher ones are not.
+    await asyncio.sleep(idle)
+
+    healthy_proxy.stall()
+    for name, response, elapsed in await every_endpoint_once(service, ledger, user_id):
+        print(f"stall: {name} -> {response.status_code} in {elapsed:.3f} s")
+        assert_503_problem(response, elapsed)
+
+    await assert_back_within_deadline(service, healthy_proxy, ledger, user_id, boots)
+
+
+# --- Production: connections killed by the server under load -------------------------------
+
+
+@dataclass
+class Tally:
+    reads: Counter[int] = field(default_factory=Counter)
+    writes: Counter[int] = field(default_factory=Counter)
+    failed_writes: list[dict[str, Any]] = field(default_factory=list)
+    # Requests that got no answer at all: (when they were sent, what the client saw).
+    unanswered: list[tuple[float, str]] = field(default_factory=list)
+
+
+async def run_load(service: Server, ledger: Ledger, user_ids: list[int], until: asyncio.Event) -> Tally:
+    """Eight clients reading and creating users (one request in four a write) until `until` is set."""
+    tally = Tally()
+
+    async def client_loop(n: int) -> None:
+        async with service.client(timeout=10) as client:
+            i = 0
+            while not until.is_set():
+                i += 1
+                sent = time.monotonic()
+                user = new_user()
+                try:
+                    if i % 4 == 0:
+                        response = await client.post(USERS, json=user)
+                    elif i % 4 == 1:
+                        response = await client.get(USERS, params={"limit": 5})
+                    else:
+                        response = await client.get(f"{USERS}/{user_ids[(n + i) % len(user_ids)]}")
+                except httpx.TransportError as exc:
+                    tally.unanswered.append((sent, repr(exc)))
+                    await asyncio.sleep(0.05)
+                    continue
+                if response.request.method == "POST":
+                    tally.writes[response.status_code] += 1
+                    ledger.record(response)
+                    if response.status_code >= 500:
+                        tally.failed_writes.append(user)
+                else:
+                    tally.reads[response.status_code] += 1
+
+    await asyncio.gather(*(client_loop(n) for n in range(8)))
+    return tally
+
+
+async def kill_service_connections(admin: AsyncEngine, database: str) -> int:
+    """KILL every server connection of the service (this test database's, not this one's)."""
+    async with admin.connect() as conn:
+        ids = (
+            await conn.scalars(
+                text(
+                    "SELECT ID FROM information_schema.PROCESSLIST "
+                    "WHERE DB = :db AND ID <> CONNECTION_ID() AND COMMAND <> 'Killed'"
+                ),
+                {"db": database},
+            )
+        ).all()
+        for process_id in ids:
+            try:
+                await conn.execute(text(f"KILL {int(process_id)}"))
+            except Exception as exc:  # already gone: "Unknown thread id"
+                if "Unknown thread" not in str(exc):
+                    raise
+    return len(ids)
+
+
+async def test_connections_killed_under_load_fail_no_read_and_at_most_one_write_each(
+    service: Server, healthy_proxy: TcpProxy, admin: AsyncEngine, db_url: URL, ledger: Ledger
+) -> None:
+    """Connections KILLed under load: no read fails; a write fails at most once per kill, and atomically."""
+    user_ids = [await some_user(service, ledger) for _ in range(5)]
+    stop = asyncio.Event()
+    load = asyncio.create_task(run_load(service, ledger, user_ids, stop))
+    killed = 0
+    for _ in range(3):
+        await asyncio.sleep(0.7)
+        killed += await kill_service_connections(admin, str(db_url.database))
+    await asyncio.sleep(0.7)
+    stop.set()
+    tally = await load
+    print(f"killed {killed} connections; reads {dict(tally.reads)}; writes {dict(tally.writes)}")
+
+    assert killed > 0
+    assert [] == tally.unanswered
+    assert sum(tally.reads.values()) > 50 and sum(tally.writes.values()) > 10
+    assert set() == {status for status in tally.reads if status != 200}
+    failed = sum(n for status, n in tally.writes.items() if status != 201)
+    assert failed <= killed
+    assert set() == {status for status in tally.writes if status not in (201, 503)}
+    # A write answered 503 either happened, whole, or did not happen at all.
+    async with admin.connect() as conn:
+        for user in tally.failed_writes:
+            rows = (
+                await conn.execute(
+                    select(User.email, User.name, User.is_active).where(User.email_key == user["email"].lower())
+                )
+            ).all()
+            assert rows in ([], [(user["email"], user["name"], user["is_active"])])
+
+
+# --- Production: connections idle past a proxy's or the server's timeout -------------------
+
+
+async def test_connections_cut_by_an_idle_proxy_are_replaced_unseen(
+    service: Server, healthy_proxy: TcpProxy, ledger: Ledger
+) -> None:
+    """After a NAT or load balancer dropped the idle pooled connections, reads and writes succeed."""
+    user_id = await some_user(service, ledger)
+    await every_endpoint_once(service, ledger, user_id)
+    healthy_proxy.idle_cut = 3.0
+    await asyncio.sleep(4.0)
+    assert 0 == len(healthy_proxy.links)  # every pooled connection was cut
+
+    for name, response, _ in await every_endpoint_once(service, ledger, user_id):
+        assert response.status_code < 500, f"{name}: {response.status_code} {response.text}"
+
+
+async def test_connections_past_the_server_wait_timeout_are_replaced_unseen(
+    db_url: URL, ledger: Ledger, tmp_path: Path
+) -> None:
+    """After the server closed connections idle past its wait_timeout, reads and writes succeed."""
+    # The session's wait_timeout, set by the driver at connect (the URL passes it to aiomysql):
+    # the server closes these connections and no one else's.
+    url = db_url.update_query_dict({"init_command": "SET SESSION wait_timeout = 3"})
+    async with Server(tmp_path, DATABASE_URL=render(url)) as server:
+        user_id = await some_user(server, ledger)
+        await every_endpoint_once(server, ledger, user_id)
+        await asyncio.sleep(4.5)
+        for name, response, _ in await every_endpoint_once(server, ledger, user_id):
+            assert response.status_code < 500, f"{name}: {response.status_code} {response.text}"
+    assert "Traceback" not in server.log()
+
+
+async def test_no_answer_was_a_500_and_no_traceback_was_logged(service: Server) -> None:
+    """Through all of the above the service answered no 500 and logged no stack trace."""
+    log = service.log()
+    assert " 500 " not in log
+    assert "Traceback" not in log
+
+
+# --- Production: SIGTERM under load --------------------------------------------------------
+
+
+async def test_sigterm_under_load_answers_every_accepted_request_and_closes_the_pool(
+    db_url: URL, ledger: Ledger, tmp_path: Path
+) -> None:
+    """On SIGTERM, requests already accepted get their whole answer, workers exit in time, pools close."""
+    async with Server(tmp_path, DATABASE_URL=render(db_url)) as server:
+        user_ids = [await some_user(server, ledger) for _ in range(3)]
+
+        # Creations whose body is still arriving when the signal comes: accepted for certain.
+        async def slow_create() -> tuple[httpx.Response, float]:
+            body = httpx.Request("POST", "/", json=new_user()).read()
+
+            async def trickle() -> AsyncIterator[bytes]:
+                for i in range(0, len(body), 8):  # over about 3 s
+                    yield body[i : i + 8]
+                    await asyncio.sleep(3 * 8 / len(body))
+
+            async with server.client(timeout=30) as client:
+                response = await client.post(USERS, content=trickle(), headers={"Content-Type": "application/json"})
+                return response, time.monotonic()
+
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(server, ledger, user_ids, stop))
+        slow = [asyncio.create_task(slow_create()) for _ in range(4)]
+        await asyncio.sleep(1.5)
+        # From here on the load's clients send nothing new; what they sent is in flight.
+        stop.set()
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        slow_answers = await asyncio.gather(*slow)
+        tally = await load
+        returncode = await server.wait_exit(30)
+        exited = time.monotonic() - signalled
+    log = server.log()
+    print(log[-3000:])
+    print(
+        f"reads {dict(tally.reads)}; writes {dict(tally.writes)}; unanswered {tally.unanswered}; "
+        f"exited {exited:.2f} s after SIGTERM"
+    )
+    for response, answered in slow_answers:
+        ledger.record(response)
+        assert 201 == response.status_code, response.text
+        assert answered > signalled  # still sending its body when the signal came
+    assert [] == tally.unanswered
+    assert set() == {status for status in [*tally.reads, *tally.writes] if status >= 500}
+    assert 0 == returncode
+    assert exited < 20  # graceful_timeout
+    assert 2 == log.count("database pool closed")
+    for failure in ("Traceback", "WORKER TIMEOUT", "SIGKILL", "Cancel"):
+        assert failure not in log
+
+
+# --- Production: nothing answered 201 was lost ---------------------------------------------
+
+
+async def test_every_user_answered_201_is_stored_as_answered(admin: AsyncEngine, ledger: Ledger) -> None:
+    """Every creation answered 201 during all of the above is in the database, as it was answered."""
+    assert len(ledger.created) > 20
+    async with admin.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(User.id, User.email, User.name, User.is_active, User.created_at).where(
+                    User.id.in_(list(ledger.created))
+                )
+            )
+        ).all()
+    stored = {row.id: row for row in rows}
+    assert set(ledger.created) == set(stored)
+    for user_id, answered in ledger.created.items():
+        row = stored[user_id]
+        assert (answered["email"], answered["name"], answered["is_active"]) == (row.email, row.name, row.is_active)
+        assert answered["created_at"] == row.created_at.isoformat(timespec="microseconds")
+
+
+# --- Protection: API keys ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
+async def test_production_without_api_keys_refuses_to_start_and_says_what_to_set(tmp_path: Path, server: str) -> None:
+    """ENVIRONMENT=production with no API_KEYS exits non-zero at start, naming API_KEYS."""
+    database = "mysql+aiomysql://app:s3cret@127.0.0.1:1/users"
+    refusing = Server(tmp_path, server, workers=1, ENVIRONMENT="production", API_KEYS="", DATABASE_URL=database)
+    code = await refusing.exit_code(within=60)
+    output = refusing.log()
+    assert 0 != code
+    assert "ENVIRONMENT=production needs API_KEYS" in output
+    assert "s3cret" not in output  # nor any piece of the other settings' secrets
+
+
+@pytest.fixture(scope="module")
+async def sqlite_service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
+    """Gunicorn with gunicorn.conf.py, 2 workers, ENVIRONMENT=production and two API keys, on SQLite.
+
+    Its rate limit is out of reach: the tests that share it are not about the limit.
+    """
+    async with Server(tmp_path_factory.mktemp("sqlite_service")) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer wrong-key", f"Bearer {KEYS[0]}x", f"Basic {KEYS[0]}", KEYS[0]],
+)
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+async def test_api_without_a_valid_key_is_401_with_www_authenticate(
+    sqlite_service: Server, authorization: str | None, method: str
+) -> None:
+    """Without a key, with a wrong one or with another scheme, /api/v1 answers 401 and reads nothing more."""
+    headers = {} if authorization is None else {"Authorization": authorization}
+    path = f"{USERS}/1" if method == "DELETE" else USERS
+    async with sqlite_service.client(key=None) as client:
+        # A body too large and not even JSON: 401 comes before anything else is looked at.
+        response = await client.request(method, path, headers=headers, content=b"x" * 100_000)
+    assert_problem(response, 401)
+    assert "Bearer" == response.headers["www-authenticate"]
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("key", KEYS)
+async def test_each_configured_key_is_accepted_so_keys_rotate_without_downtime(
+    sqlite_service: Server, key: str
+) -> None:
+    """Every key listed in API_KEYS opens /api/v1, the scheme name in any case."""
+    async with sqlite_service.client(key=None) as client:
+        for scheme in ("Bearer", "bearer"):
+            response = await client.get(USERS, headers={"Authorization": f"{scheme} {key}"})
+            assert 200 == response.status_code, response.text
+
+
+async def test_health_and_schema_need_no_key_and_docs_are_off_in_production(sqlite_service: Server) -> None:
+    """/health and /openapi.json answer without a key; /docs and /redoc are 404 in production."""
+    async with sqlite_service.client(key=None) as client:
+        assert 200 == (await client.get("/health")).status_code
+        assert 200 == (await client.get("/openapi.json")).status_code
+        for page in ("/docs", "/redoc"):
+            assert_problem(await client.get(page), 404)
+
+
+async def test_docs_enabled_turns_docs_on_in_production(tmp_path: Path) -> None:
+    """DOCS_ENABLED=true serves /docs and /redoc in production, from local files."""
+    async with (
+        Server(tmp_path, workers=1, ENVIRONMENT="production", DOCS_ENABLED="true") as server,
+        server.client(key=None) as client,
+    ):
+        for page in ("/docs", "/redoc"):
+            response = await client.get(page)
+            assert 200 == response.status_code
+            assert "cdn" not in response.text.lower()
+
+
+async def test_openapi_declares_the_bearer_scheme_on_every_api_operation(sqlite_service: Server) -> None:
+    """The schema declares HTTP bearer auth, so Swagger UI's Authorize button sends the key."""
+    async with sqlite_service.client(key=None) as client:
+        schema = (await client.get("/openapi.json")).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert [{"type": "http", "scheme": "bearer"}] == [
+        {k: v for k, v in s.items() if k in ("type", "scheme")} for s in schemes.values()
+    ]
+    (name,) = schemes
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if path.startswith("/api/"):
+                assert [{name: []}] == operation.get("security"), f"{method} {path}"
+                assert "401" in operation["responses"], f"{method} {path}"
+            else:
+                assert "security" not in operation, f"{method} {path}"
+
+
+async def test_development_without_keys_is_open_and_warns_loudly_at_start(tmp_path: Path) -> None:
+    """With no API_KEYS, development serves /api/v1 to anyone and its log says so at start."""
+    async with Server(tmp_path, "uvicorn", API_KEYS="") as server:
+        async with server.client(key=None) as client:
+            assert 200 == (await client.get(USERS)).status_code
+        assert "API_KEYS is empty: /api/v1 is open to anyone" in server.log()
+
+
+# --- Protection: bursts of requests, to measure the rate limit -----------------------------
+
+
+@dataclass
+class Burst:
+    """What the answers to a burst of requests were, and how long the slowest took."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    slowest: float = 0.0
+
+    @property
+    def successes(self) -> int:
+        return self.statuses[200]
+
+
+async def burst(urls: list[str], count: int, *, concurrency: int = 8, forwarded_for: bool = False) -> Burst:
+    """Send count GETs of a page of users, in turn to each of urls, each on a new connection.
+
+    New connections, so that the kernel hands them to every gunicorn worker in turn, not to
+    whichever worker accepted a keep-alive connection first.
+    """
+    result = Burst()
+    queue = iter(range(count))
+    headers = {"Authorization": f"Bearer {KEYS[0]}", "Connection": "close"}
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for n in queue:
+            extra = {"X-Forwarded-For": f"203.0.113.{n % 250}, 198.51.100.{n % 200}"} if forwarded_for else {}
+            start = time.perf_counter()
+            response = await client.get(f"{urls[n % len(urls)]}{USERS}?limit=1", headers={**headers, **extra})
+            result.slowest = max(result.slowest, time.perf_counter() - start)
+            result.statuses[response.status_code] += 1
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    return result
+
+
+def writes(pid: int) -> int:
+    """How many write system calls process pid has made: at least one per response it sent."""
+    count = re.search(r"syscw: (\d+)", Path(f"/proc/{pid}/io").read_text())
+    assert count is not None
+    return int(count[1])
+
+
+def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    """Print to the terminal even while pytest captures output, so CI logs show the figure."""
+    with capsys.disabled():
+        print(f"\n[protection] {line}")
+
+
+# --- Protection: the rate limit, one table per machine -------------------------------------
+
+
+def test_rate_limit_table_holds_a_heavy_client_while_a_flood_of_addresses_passes() -> None:
+    """The table never grows: 200 000 other addresses take the slots of each other, not the heavy client's."""
+    table = main.RateLimitTable(limit=5, window=60, path=None)
+    assert [True] * 5 + [False] == [table.hit("198.51.100.7")[0] for _ in range(6)]
+    assert all(table.hit(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")[0] for n in range(200_000))
+    allowed, ahead = table.hit("198.51.100.7")
+    assert not allowed
+    assert 50 < ahead <= 60  # still its own TAT: the flood took only each other's slots
+    assert main.RATE_TABLE_SLOTS * 16 == table.keys.nbytes + table.tats.nbytes
+
+
+def test_rate_limit_table_in_shared_memory_counts_exactly_across_processes(tmp_path: Path) -> None:
+    """Four processes hammering one address through one table file let exactly the limit through."""
+    table, go = tmp_path / "table", tmp_path / "go"
+    table.touch()
+    script = textwrap.dedent(f"""
+        import os, time, main
+        table = main.RateLimitTable(limit=20000, window=3600000, path={str(table)!r})
+        print("ready", flush=True)
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        print(sum(table.hit("192.0.2.1")[0] for _ in range(20000)))
+    """)
+    env = service_env(tmp_path)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    assert all("ready\n" == p.stdout.readline() for p in processes if p.stdout)
+    go.touch()  # all four start together
+    allowed = [int(p.communicate(timeout=60)[0]) for p in processes]
+    # A lost update (two workers reading the same TAT) would let more than the limit through.
+    assert 20000 == sum(allowed), allowed
+    assert all(a > 0 for a in allowed), allowed  # they did count side by side
+
+
+async def test_rate_limit_holds_for_gunicorn_with_2_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """3 L requests from one client to 2 workers: between L and 1.1 L succeed, the rest are 429."""
+    limit = 100
+    # A window of 10 minutes: the quota refilled during the test stays under 1 %.
+    async with Server(tmp_path, workers=2, RATE_LIMIT=str(limit), RATE_LIMIT_WINDOW="600") as s:
+        workers = await s.workers(2)
+        before = [writes(pid) for pid in workers]
+        result = await burst([s.url], 3 * limit)
+        served = [writes(pid) - b for pid, b in zip(workers, before, strict=True)]
+    report(capsys, f"gunicorn 2 workers, L={limit}: {result.successes}/{3 * limit} succeeded; {dict(result.statuses)}")
+    assert {200, 429} >= result.statuses.keys()
+    assert limit <= result.successes <= 1.1 * limit
+    # Both workers answered a good share: a counter per worker would have let 2 L through.
+    assert 2 == len(served) and min(served) > 0.2 * 3 * limit, served
+
+
+async def test_429_is_a_problem_with_retry_after_and_ratelimit_headers(tmp_path: Path) -> None:
+    """Past the limit: 429 problem+json with Retry-After; every answer carries RateLimit and RateLimit-Policy."""
+    async with (
+        Server(tmp_path, "uvicorn", RATE_LIMIT="3", RATE_LIMIT_WINDOW="60") as server,
+        server.client() as client,
+    ):
+        responses = [await client.get(USERS) for _ in range(4)]
+        health = await client.get("/health")
+    assert [200, 200, 200, 429] == [r.status_code for r in responses]
+    assert ['"default";q=3;w=60'] * 4 == [r.headers["ratelimit-policy"] for r in responses]
+    # r: requests left; t: seconds until one more is allowed (one every 20 s).
+    assert [
+        '"default";r=2;t=20',
+        '"default";r=1;t=20',
+        '"default";r=0;t=20',
+        '"default";r=0;t=20',
+    ] == [r.headers["ratelimit"] for r in responses]
+    rejected = responses[-1]
+    assert "20" == rejected.headers["retry-after"]
+    assert_problem(rejected, 429)
+    assert rejected.headers["x-request-id"]
+    # /health is for the load balancer: never limited, and not counted.
+    assert 200 == health.status_code and "ratelimit" not in health.headers
+
+
+async def test_429_is_answered_without_the_database(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    """Past the limit, the middleware answers alone: no database connection is checked out for a 429."""
+    if settings.rate_limit > 1000:
+        pytest.skip(f"RATE_LIMIT={settings.rate_limit} in this environment: too many requests to reach it here")
+    checkouts = Counter[str]()
+    event.listen(engine.sync_engine.pool, "checkout", lambda *_: checkouts.update(["checkout"]))
+    statuses = Counter[int]()
+    while statuses[429] == 0:
+        statuses[(await client.get(USERS)).status_code] += 1
+    used = checkouts["checkout"]
+    rejected = [(await client.get(USERS)).status_code for _ in range(20)]
+    assert [429] * 20 == rejected
+    assert used == checkouts["checkout"]
+    assert settings.rate_limit == statuses[200]
+
+
+async def test_invented_x_forwarded_for_does_not_dodge_the_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no TRUSTED_PROXIES, a client that sends a new X-Forwarded-For each time is still one client."""
+    limit = 20
+    async with Server(tmp_path, workers=1, RATE_LIMIT=str(limit), RATE_LIMIT_WINDOW="600") as s:
+        result = await burst([s.url], 3 * limit, forwarded_for=True)
+    report(capsys, f"invented X-Forwarded-For, L={limit}: {result.successes}/{3 * limit} succeeded")
+    assert limit <= result.successes <= 1.1 * limit
+
+
+async def test_x_forwarded_for_from_a_trusted_proxy_names_the_client(tmp_path: Path) -> None:
+    """With TRUSTED_PROXIES=127.0.0.1 gunicorn believes the header: each forwarded address counts alone."""
+    limit = 20
+    async with Server(
+        tmp_path, workers=1, RATE_LIMIT=str(limit), RATE_LIMIT_WINDOW="600", TRUSTED_PROXIES="127.0.0.1"
+    ) as server:
+        result = await burst([server.url], 3 * limit, forwarded_for=True)
+    assert 3 * limit == result.successes
+
+
+# --- Protection: the rate limit, shared in Redis -------------------------------------------
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix of this test's own in the shared Redis; its keys are deleted at the end."""
+    redis = Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=1)
+    try:
+        await redis.ping()
+    except OSError as exc:
+        await redis.aclose()
+        pytest.skip(f"no Redis at {REDIS_TEST_URL} ({exc}): the Redis rate-limit tests did not run")
+    prefix = f"test_main:{uuid.uuid4().hex}:"
+    try:
+        yield prefix
+    finally:
+        keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
+async def test_rate_limit_holds_across_two_gunicorn_instances_sharing_redis(
+    tmp_path: Path, redis_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """3 L requests from one client spread over two containers sharing Redis: between L and 1.1 L succeed."""
+    limit = 100
+    shared = {"RATE_LIMIT": str(limit), "RATE_LIMIT_WINDOW": "600", "REDIS_URL": REDIS_TEST_URL,
+              "REDIS_KEY_PREFIX": redis_prefix}  # fmt: skip
+    async with Server(tmp_path, workers=2, **shared) as a, Server(tmp_path, workers=2, **shared) as b:
+        result = await burst([a.url, b.url], 3 * limit)
+        logs = a.log() + b.log()
+    report(capsys, f"2 gunicorns x 2 workers + Redis, L={limit}: {result.successes}/{3 * limit} succeeded")
+    assert {200, 429} >= result.statuses.keys()
+    assert limit <= result.successes <= 1.1 * limit
+    assert "Redis is out" not in logs
+
+
+async def test_redis_cut_off_mid_test_degrades_to_the_local_limit_without_5xx(
+    tmp_path: Path, redis_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Redis hangs mid-test and comes back: no 5xx, no answer slower than 1 s, the local limit meanwhile."""
+    limit, redis = 100, make_url(REDIS_TEST_URL)
+    async with TcpProxy(redis.host or "127.0.0.1", redis.port or 6379) as proxy:
+        shared = {"RATE_LIMIT": str(limit), "RATE_LIMIT_WINDOW": "600", "REDIS_KEY_PREFIX": redis_prefix,
+                  "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"}  # fmt: skip
+        async with Server(tmp_path, workers=2, **shared) as a, Server(tmp_path, workers=2, **shared) as b:
+            # Half the quota through both containers, counted in Redis.
+            before = await burst([a.url, b.url], limit // 2)
+            # Redis hangs; what the services send it meanwhile is lost, as on a dead route.
+            proxy.stall(swallow=True)
+            # Container a counts alone, from zero, up to the limit.
+            stalled = await burst([a.url], 2 * limit)
+            await proxy.restore()
+            await asyncio.sleep(main.REDIS_PAUSE + 0.5)  # the circuit breaker tries Redis again
+            # Back in Redis, which remembers the half used before the cut.
+            after = await burst([a.url], limit)
+            logs = a.log() + b.log()
+    phases = (before, stalled, after)
+    total = sum((p.statuses for p in phases), Counter[int]())
+    slowest = max(p.slowest for p in phases)
+    report(
+        capsys,
+        f"Redis stalled mid-test, L={limit}: before {before.successes}/{limit // 2}, "
+        f"stalled {stalled.successes}/{2 * limit}, after {after.successes}/{limit}; "
+        f"statuses {dict(total)}; slowest answer {slowest:.3f} s",
+    )
+    assert {200, 429} >= total.keys()
+    assert slowest < 1.0
+    assert limit // 2 == before.successes
+    # A request or two before the cut may have found Redis slow on a busy machine, and been
+    # counted locally instead: hence the margins of 10 %.
+    assert 0.9 * limit <= stalled.successes <= 1.1 * limit
+    # Container a's own table is used up by now: these successes are Redis's memory of the
+    # half used before the cut.
+    assert 0.4 * limit <= after.successes <= 0.7 * limit
+    assert "Redis is out" in logs and "the rate limit is per container for a while" in logs
+    assert "Redis is back: the rate limit is shared again" in logs
+
+
+# --- Protection: input limits --------------------------------------------------------------
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response with a Content-Length: its status, headers and body."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *lines = head.split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+async def raw_exchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[int, dict[str, str], bytes, int]:
+    """Send head, then chunks until the server answers; return the answer and how many chunks went."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        answer = asyncio.ensure_future(read_response(reader))
+        sent = 0
+        for chunk in chunks:
+            await asyncio.wait([answer], timeout=0.05)
+            if answer.done():
+                break
+            try:
+                writer.write(chunk)
+                await writer.drain()
+            except ConnectionError:  # the server answered and closed
+                break
+            sent += 1
+        status, headers, body = await asyncio.wait_for(answer, 5)
+        return status, headers, body, sent
+    finally:
+        writer.transport.abort()
+
+
+async def test_body_over_the_limit_by_content_length_is_413_before_the_body_is_sent(sqlite_service: Server) -> None:
+    """A Content-Length of 10 MB is answered 413 problem+json at once, with no body byte sent."""
+    head = (
+        f"POST {USERS} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+    ).encode()
+    status, headers, body, _ = await raw_exchange(sqlite_service.port, head, [])
+    assert 413 == status
+    assert "application/problem+json" == headers["content-type"]
+    assert headers["x-request-id"]
+    assert 413 == json.loads(body)["status"]
+
+
+async def test_chunked_body_over_the_limit_is_413_before_its_end(sqlite_service: Server) -> None:
+    """A chunked body is answered 413 problem+json once past 64 KiB, long before its 1 MiB end."""
+    head = (
+        f"POST {USERS} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"  # 16 KiB of JSON white space
+    status, headers, _, sent = await raw_exchange(sqlite_service.port, head, [chunk] * 64)
+    assert 413 == status
+    assert "application/problem+json" == headers["content-type"]
+    assert headers["x-request-id"]
+    assert sent < 16  # the server answered after 64 KiB, not after the whole 1 MiB
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"), [("PUT", USERS, "GET, POST"), ("PUT", f"{USERS}/1", "DELETE, GET, PATCH")]
+)
+async def test_405_allow_names_every_method_of_the_path(
+    sqlite_service: Server, method: str, path: str, allow: str
+) -> None:
+    """A 405's Allow lists every method served at the path, not only those of the first route found."""
+    async with sqlite_service.client() as client:
+        response = await client.request(method, path)
+    assert 405 == response.status_code
+    assert allow == response.headers["allow"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["A", " A ", "\u000b", "\u3000", " " * 5 + "a" * 100, " " + "a" * 101, "a" * 100, "a" * 101, "a\nb", "\x1cAda\x85"],
+)
+async def test_openapi_name_schema_says_what_the_service_accepts(sqlite_service: Server, name: str) -> None:
+    """The name's pattern in /openapi.json accepts exactly the names the service stores (trimmed, 1 to 100)."""
+    async with sqlite_service.client() as client:
+        schema = (await client.get("/openapi.json")).json()["components"]["schemas"]["UserCreate"]
+        response = await client.post(USERS, json={"email": f"{uuid.uuid4().hex}@example.com", "name": name})
+    assert bool(re.search(schema["properties"]["name"]["pattern"], name)) == (201 == response.status_code)
+
+
+@pytest.mark.parametrize("domain", ["example.test", "printer.local", "nowhere.invalid", "Example.COM"])
+async def test_email_with_any_syntactically_valid_domain_is_accepted(sqlite_service: Server, domain: str) -> None:
+    """Reserved names (.test, .local, .invalid) are syntactically valid, as the schema's format says."""
+    async with sqlite_service.client() as client:
+        response = await client.post(USERS, json={"email": f"{uuid.uuid4().hex}@{domain}", "name": "Ada"})
+    assert 201 == response.status_code, response.text
+    assert response.json()["email"].endswith(f"@{domain.lower()}")
+
+
+# --- Protection: error answers tell nothing of the inside ----------------------------------
+
+INJECTIONS = [
+    "' OR '1'='1",
+    "'; DROP TABLE users; --",
+    '" OR ""="',
+    "1; SELECT SLEEP(5)",
+    "admin'--",
+    "' UNION SELECT email, email_key, name FROM users --",
+    "\\'; SHUTDOWN; --",
+    "%' AND 1=CONVERT(int, @@version) --",
+    "`users`",
+    "Robert'); DELETE FROM users WHERE ('1'='1",
+]
+
+
+@asynccontextmanager
+async def live(folder: Path, environment: str, database: str) -> AsyncIterator[tuple[Server, str]]:
+    """A server in this environment (gunicorn in production) on a fresh database; yield it and the database's URL."""
+    async with AsyncExitStack() as stack:
+        url = f"sqlite+aiosqlite:///{folder / 'users.db'}"
+        if database == "mysql":
+            url = render(await stack.enter_async_context(fresh_database(environment)))
+        program = "gunicorn" if environment == "production" else "uvicorn"
+        yield await stack.enter_async_context(Server(folder, program, workers=1, DATABASE_URL=url)), url
+
+
+def assert_tells_nothing(response: httpx.Response, attack: str) -> None:
+    """Check that the answer is no 500, and that an error tells nothing but what the client sent."""
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert "application/problem+json" == response.headers["content-type"]
+        # A detail may quote the client's own input ("The email ... is already taken").
+        told = response.text.replace(json.dumps(attack)[1:-1], "")
+        assert not LEAKS.search(told), response.text
+
+
+@pytest.mark.parametrize("database", ["sqlite", "mysql"])
+@pytest.mark.parametrize("environment", ["development", "production"])
+async def test_sql_shaped_input_is_stored_literally_or_rejected_with_4xx(
+    tmp_path: Path, environment: str, database: str
+) -> None:
+    """Injection-shaped strings in every field, parameter and header: stored as given, or a 4xx."""
+    async with (
+        live(tmp_path, environment, database) as (server, _),
+        server.client(KEYS[1]) as client,
+    ):
+        for n, attack in enumerate(INJECTIONS):
+            created = await client.post(USERS, json={"email": f"user{n}@example.com", "name": attack})
+            assert_tells_nothing(created, attack)
+            assert 201 == created.status_code
+            user = created.json()
+            assert attack == user["name"] == (await client.get(f"{USERS}/{user['id']}")).json()["name"]
+            # Quotes are legal in the local part of an address; the rest is rejected as 422.
+            local = re.sub(r"[^A-Za-z0-9'=%-]", "", attack)[:30] or "x"
+            for email in (f"{local}{n}@example.com", f"{attack}@example.com", attack):
+                response = await client.post(USERS, json={"email": email, "name": "Ada"})
+                assert_tells_nothing(response, attack)
+                assert response.status_code in (201, 409, 422)
+                if response.status_code == 201:
+                    assert email.rpartition("@")[0] == response.json()["email"].rpartition("@")[0]
+            patched = await client.patch(f"{USERS}/{user['id']}", json={"name": attack[::-1]})
+            assert attack[::-1] == patched.json()["name"]
+            for response in (
+                await client.post(USERS, json={"email": f"b{n}@example.com", "name": "Ada", "is_active": attack}),
+                await client.get(f"{USERS}/{attack}"),
+                await client.get(USERS, params={"limit": attack}),
+                await client.get(USERS, params={"cursor": attack}),
+                await client.patch(f"{USERS}/{user['id']}", json={"name": "x"}, headers={"If-Match": attack}),
+                await client.delete(f"{USERS}/{user['id']}", headers={"If-Match": attack}),
+                await client.get(USERS, headers={"X-Request-ID": attack}),
+                await client.post(USERS, content=attack.encode(), headers={"Content-Type": "application/json"}),
+            ):
+                assert_tells_nothing(response, attack)
+        # The table is still there, with every user in it.
+        page = (await client.get(USERS, params={"limit": 100})).json()
+        assert len(INJECTIONS) <= len(page["items"])
+
+
+@pytest.mark.parametrize("environment", ["development", "production"])
+async def test_database_errors_are_answered_without_sql_or_driver_messages(tmp_path: Path, environment: str) -> None:
+    """With the table gone underneath the service, the answer names neither the SQL nor the driver's error."""
+    async with (
+        live(tmp_path, environment, "sqlite") as (server, url),
+        server.client() as client,
+    ):
+        assert 200 == (await client.get(USERS)).status_code
+        with sqlite3.connect(make_url(url).database or "") as db:
+            db.execute("DROP TABLE users")
+        responses = [
+            await client.get(USERS),
+            await client.get(f"{USERS}/1"),
+            await client.post(USERS, json={"email": "ada@example.com", "name": "Ada"}),
+            await client.delete(f"{USERS}/1"),
+        ]
+        log = server.log()
+    for response in responses:
+        assert response.status_code >= 500
+        assert "application/problem+json" == response.headers["content-type"]
+        assert not LEAKS.search(response.text), response.text
+    assert "no such table" in log  # the log keeps what the answer leaves out
+
+
+# --- Schemathesis: an independent client of the OpenAPI schema -----------------------------
+
+SCHEMATHESIS_EXAMPLES = 500
+SCHEMATHESIS_SEED = 20261127
+# A schema-valid If-Match that names another version is answered 412: that is the contract
+# (API.md, "Concurrency"), so 412 counts as accepting the data, next to the default statuses.
+SCHEMATHESIS_CONFIG = """
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "412", "429", "5xx"]
+"""
+
+
+@pytest.mark.parametrize("database", ["sqlite", "mysql"])
+async def test_schemathesis_finds_no_failure(tmp_path: Path, database: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Schemathesis, with all its default checks and phases, finds nothing the schema does not allow."""
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(SCHEMATHESIS_CONFIG)
+    async with live(tmp_path, "development", database) as (server, _):
+        command = [
+            sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
+            f"{server.url}/openapi.json", "--header", f"Authorization: Bearer {KEYS[0]}",
+            "--max-examples", str(SCHEMATHESIS_EXAMPLES), "--seed", str(SCHEMATHESIS_SEED), "--no-color",
+        ]  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            *command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        output = (await asyncio.wait_for(process.communicate(), 1200))[0].decode(errors="replace")
+        log = server.log()
+    report(capsys, f"schemathesis on {database}, {SCHEMATHESIS_EXAMPLES} examples per operation:\n{output}")
+    assert 0 == process.returncode, output
+    assert "Traceback" not in log, log

@@ -1,5 +1,5 @@
--- The users table, generated from models.py; do not edit (test_production.py checks it):
--- python -c 'import test_production as t; print(t.schema_sql(), end="")' > initdb/01-schema.sql
+-- The users table, generated from models.py; do not edit (test_main.py checks it):
+-- python -c 'import test_main as t; print(t.schema_sql(), end="")' > initdb/01-schema.sql
 CREATE TABLE users (
 	id BIGINT NOT NULL AUTO_INCREMENT, 
 	email VARCHAR(254) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, 

@@ -812,7 +812,13 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # --- Routes ------------------------------------------------------------------------------
 
 
-@app.get("/health", responses=problem_responses(503))
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    checks: dict[str, str] = Field(examples=[{"database": "ok"}])
+    pool: dict[str, int] = Field(examples=[{"size": 10, "checked_out": 1, "overflow": 0, "max_overflow": 5}])
+
+
+@app.get("/health", responses={200: {"model": Health}, **problem_responses(503)})
 async def health(request: Request) -> JSONResponse:
     """Report whether the database answers within DB_TIMEOUT, and the pool's figures."""
     engine = request.state.engine

@@ -1,14 +1,15 @@
 """Benchmark the service against a raw baseline, as ratios measured in the same run.
 
-    python bench/run.py            # 3 rounds x 5 scenarios x 2 targets x 8 s, about 5 minutes
-    python bench/run.py --quick    # 1 round x 3 s, a smoke test
+    python bench/run.py            # 3 rounds x 5 scenarios x 2 targets x 8 s, about 8 minutes
+    python bench/run.py --quick    # 1 round x 3 s and no memory check: a smoke test
 
 It seeds MariaDB/MySQL with 100,000 users, starts the service under gunicorn as deployed
 (gunicorn.conf.py, production settings, API keys, rate limiting, request log) and the raw
 baseline (bench/baseline.py) under the same gunicorn settings, then runs wrk against both,
 alternating which goes first each round. Absolute figures depend on the machine and on
 whatever else runs on it; the ratios to the baseline are the result. Needs `wrk` on PATH
-(Debian/Ubuntu: apt-get install wrk) and a MySQL-compatible server (DATABASE_URL below).
+(Debian/Ubuntu: apt-get install wrk) and a MySQL-compatible server (BENCH_DATABASE_URL or
+--database-url; the database is created if missing).
 Everything it writes goes to bench/results/.
 """
 
@@ -254,7 +255,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8, help="seconds per wrk run")
-    parser.add_argument("--quick", action="store_true", help="1 round of 3 s: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 s, no memory check: a smoke test")
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
@@ -288,7 +289,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.duration = 1, 3
+        args.rounds, args.duration, args.no_memory = 1, 3, True
 
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

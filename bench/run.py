@@ -201,8 +201,9 @@ def checkout(label: str, stamp: str) -> Path:
     return target
 
 
-def run_wrk(server: Server, scenario: dict, seconds: float, prefix: str) -> dict:
-    command = [
+def wrk_command(server: Server, scenario: dict, seconds: float, prefix: str) -> list[str]:
+    """wrk running one scenario (bench/scenario.lua) against server with our API key."""
+    return [
         "wrk",
         "-t2",
         f"-c{scenario['conns']}",
@@ -219,6 +220,10 @@ def run_wrk(server: Server, scenario: dict, seconds: float, prefix: str) -> dict
         scenario["arg"],
         prefix,
     ]
+
+
+def run_wrk(server: Server, scenario: dict, seconds: float, prefix: str) -> dict:
+    command = wrk_command(server, scenario, seconds, prefix)
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     line = next(line for line in output.splitlines() if line.startswith("WRK_JSON "))
     result = json.loads(line.removeprefix("WRK_JSON "))
@@ -410,24 +415,7 @@ def main() -> None:
 def record_profile(server: Server, scenario: dict, seconds: float, stamp: str) -> str:
     """Sample one worker with py-spy under load; return the summary."""
     out = RESULTS / f"profile-{stamp}.txt"
-    load = subprocess.Popen(
-        [
-            "wrk",
-            "-t2",
-            f"-c{scenario['conns']}",
-            f"-d{seconds + 4:g}s",
-            "-H",
-            f"Authorization: Bearer {API_KEY}",
-            "-s",
-            str(HERE / "scenario.lua"),
-            server.url,
-            "--",
-            scenario["kind"],
-            scenario["arg"],
-            "profile",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    load = subprocess.Popen(wrk_command(server, scenario, seconds + 4, "profile"), stdout=subprocess.DEVNULL)
     try:
         time.sleep(2)
         pid = server.worker_pids()[0]

@@ -1,11 +1,13 @@
 """User records over HTTP: FastAPI in front of MySQL, MariaDB or SQLite.
 
 The file reads in the order a request meets it:
-  1. database: engine, connection dependency, the one place statements run
-  2. lifespan: engine created per worker, schema and demo data in development
-  3. middleware: access log with request ids, API keys, rate limit
+  1. database: engine, the pool's watch (idle pings, saturation warning), the connection
+     dependency, and execute(), the one place statements run (time limit, retry)
+  2. lifespan: engine per worker, schema and demo data in development, Redis for the limit
+  3. the app and its middleware: access log with request ids, API keys, rate limit (GCRA,
+     shared by the workers, or by every container through Redis), body size limit
   4. errors: every 4xx and 5xx as application/problem+json
-  5. schemas and routes: /health, then /api/v1/users in CRUD order
+  5. schemas and routes: /health and the offline docs, then /api/v1/users in CRUD order
 """
 
 import asyncio

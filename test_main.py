@@ -371,11 +371,16 @@ async def user(client: httpx.AsyncClient) -> dict[str, Any]:
     return await create(client)
 
 
+def aimed_at(path: str, user: dict[str, Any]) -> str:
+    """The path of a WRITES case, with the PATCH aimed at user."""
+    return path.replace("/1", f"/{user['id']}")
+
+
 @pytest.mark.parametrize(("method", "path"), WRITES)
 async def test_unknown_field_is_422(client: httpx.AsyncClient, user: dict[str, Any], method: str, path: str) -> None:
     """A field the resource does not have is rejected, not ignored."""
     body = {"email": "grace@example.com", "name": "Grace", "is_admin": True}
-    response = await client.request(method, path.replace("/1", f"/{user['id']}"), json=body)
+    response = await client.request(method, aimed_at(path, user), json=body)
 
     assert ["body", "is_admin"] == assert_problem(response, 422)["errors"][0]["loc"]
 
@@ -387,7 +392,7 @@ async def test_null_for_any_field_is_422(
 ) -> None:
     """null is not a value for any field, on create or update."""
     body: dict[str, Any] = {"email": "grace@example.com", "name": "Grace", field: None}
-    response = await client.request(method, path.replace("/1", f"/{user['id']}"), json=body)
+    response = await client.request(method, aimed_at(path, user), json=body)
 
     assert field in assert_problem(response, 422)["errors"][0]["loc"]
     assert user == (await client.get(f"{USERS}/{user['id']}")).json()
@@ -402,7 +407,7 @@ async def test_server_set_field_is_422(
 ) -> None:
     """id and the timestamps belong to the server: no mass assignment."""
     body = {"email": "grace@example.com", "name": "Grace", field: value}
-    response = await client.request(method, path.replace("/1", f"/{user['id']}"), json=body)
+    response = await client.request(method, aimed_at(path, user), json=body)
 
     assert ["body", field] == assert_problem(response, 422)["errors"][0]["loc"]
     assert user == (await client.get(f"{USERS}/{user['id']}")).json()
@@ -426,7 +431,7 @@ async def test_malformed_json_is_422_with_errors(
 ) -> None:
     """A body that is not JSON is a validation error like any other, with its errors list."""
     response = await client.request(
-        method, path.replace("/1", f"/{user['id']}"), content=content, headers={"Content-Type": "application/json"}
+        method, aimed_at(path, user), content=content, headers={"Content-Type": "application/json"}
     )
 
     errors = assert_problem(response, 422)["errors"]
@@ -451,7 +456,7 @@ async def test_wrong_type_is_422(
 ) -> None:
     """JSON types must match exactly: no "true" or 1 for true, no number for a name."""
     body = {"email": "grace@example.com", "name": "Grace", field: value}
-    response = await client.request(method, path.replace("/1", f"/{user['id']}"), json=body)
+    response = await client.request(method, aimed_at(path, user), json=body)
 
     assert ["body", field] == assert_problem(response, 422)["errors"][0]["loc"][:2]
 
@@ -462,7 +467,7 @@ async def test_body_that_is_not_an_object_is_422(
     client: httpx.AsyncClient, user: dict[str, Any], method: str, path: str, body: Any
 ) -> None:
     """The body is one JSON object."""
-    response = await client.request(method, path.replace("/1", f"/{user['id']}"), json=body)
+    response = await client.request(method, aimed_at(path, user), json=body)
 
     assert_problem(response, 422)
 
@@ -833,7 +838,7 @@ async def test_body_over_the_limit_is_413_problem(
     client: httpx.AsyncClient, user: dict[str, Any], method: str, path: str
 ) -> None:
     """A body over the configured size is refused, with or without a Content-Length, unread past the limit."""
-    path = path.replace("/1", f"/{user['id']}")
+    path = aimed_at(path, user)
     headers = {"Content-Type": "application/json"}
     sent = 0
 

@@ -2065,9 +2065,13 @@ async def test_429_is_answered_without_the_database(client: httpx.AsyncClient, e
     while statuses[429] == 0:
         statuses[(await client.get(USERS)).status_code] += 1
     used = checkouts["checkout"]
-    rejected = [(await client.get(USERS)).status_code for _ in range(20)]
-    assert [429] * 20 == rejected
-    assert used == checkouts["checkout"]
+    after = Counter[int]()
+    for _ in range(20):
+        after[(await client.get(USERS)).status_code] += 1
+    # The limit lets one more request through per interval (0.6 s here), which a loaded machine
+    # may reach within these 20: each such 200, and no 429, checks out a connection.
+    assert 15 <= after[429] and after[200] + after[429] == 20
+    assert used + after[200] == checkouts["checkout"]
     assert settings.rate_limit == statuses[200]
 
 

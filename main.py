@@ -19,8 +19,8 @@ import math
 import mmap
 import os
 import re
+import secrets
 import time
-import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -31,12 +31,10 @@ from typing import Annotated, Any
 
 import email_validator
 from email_validator import EmailNotValidError, validate_email
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, Security
+from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.routing import APIRouter
-from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints, field_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -161,8 +159,15 @@ def pool_status(engine: AsyncEngine) -> dict[str, int]:
 
 
 @asynccontextmanager
-async def connect(engine: AsyncEngine, queue: asyncio.Semaphore) -> AsyncIterator[AsyncConnection]:
-    """Check out a connection within DB_POOL_TIMEOUT or DB_TIMEOUT, whichever is longer.
+async def connect(request: Request) -> AsyncIterator[AsyncConnection]:
+    """Lend a pooled connection to one route: `async with connect(request) as conn:`.
+
+    The connection goes back to the pool as soon as the block ends, before the response is
+    serialized and sent to a client that may be slow to read it. (A FastAPI dependency with
+    scope="function" would do the same through an exit stack and a shielded cancel scope per
+    request: a tenth of the CPU of a get in bench/.)
+
+    The connection is checked out within DB_POOL_TIMEOUT or DB_TIMEOUT, whichever is longer.
 
     The pool bounds its own wait, but not a new connection's handshake nor the ping of an
     idle one: against a database that accepts connections and never answers, those would
@@ -174,7 +179,8 @@ async def connect(engine: AsyncEngine, queue: asyncio.Semaphore) -> AsyncIterato
     under sustained load a waiter can lose every race until it times out (in bench/, 1,800
     answers 503 in 16 s at 256 connections; none with the queue).
     """
-    conn = engine.connect()
+    conn = request.state.engine.connect()
+    queue = request.state.pool_queue
     async with asyncio.timeout(max(settings.db_pool_timeout, settings.db_timeout)):
         await queue.acquire()
         try:
@@ -194,17 +200,6 @@ async def connect(engine: AsyncEngine, queue: asyncio.Semaphore) -> AsyncIterato
             await conn.close()
         finally:
             queue.release()
-
-
-async def connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    """Lend a pooled connection to one route; it goes back as soon as the route returns."""
-    async with connect(request.state.engine, request.state.pool_queue) as conn:
-        yield conn
-
-
-# scope="function": return the connection when the route returns, not after the response
-# has been sent to a client that may be slow to read it.
-ConnDep = Annotated[AsyncConnection, Depends(connection, scope="function")]
 
 
 async def execute(
@@ -336,6 +331,7 @@ app = FastAPI(
     # Served below from local files: the CDN pages FastAPI links by default need the internet.
     docs_url=None,
     redoc_url=None,
+    telemetry=None if settings.telemetry else {"tracing": False, "metrics": False, "logs": False},
 )
 
 
@@ -378,7 +374,7 @@ class AccessLogMiddleware:
         start = time.perf_counter()
         request_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
         if not SANE_REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex.encode()
+            request_id = secrets.token_hex(16).encode()
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -682,8 +678,7 @@ def allowed_methods(scope: Scope) -> str:
     """Every method served at this path: Starlette's own Allow names only those of its first route."""
     # A bare scope: the request's own carries the routing state of the route that answered.
     bare = {"type": "http", "path": scope["path"], "root_path": scope.get("root_path", ""), "method": ""}
-    # app.routes holds the included router as one entry; api.routes has its routes, prefix and all.
-    routes = [r for r in (*app.routes, *api.routes) if isinstance(r, Route) and r.matches(bare)[0] is not Match.NONE]
+    routes = [r for r in app.routes if isinstance(r, Route) and r.matches(bare)[0] is not Match.NONE]
     return ", ".join(sorted({method for route in routes for method in route.methods or ()}))
 
 
@@ -825,7 +820,7 @@ async def health(request: Request) -> JSONResponse:
     """Report whether the database answers within DB_TIMEOUT, and the pool's figures."""
     engine = request.state.engine
     try:
-        async with connect(engine, request.state.pool_queue) as conn:
+        async with connect(request) as conn:
             await execute(conn, select(1), retry=True)
     except (TimeoutError, PoolTimeoutError, DBAPIError) as exc:
         log.error("health check: database unavailable: %s: %s", type(exc).__name__, exc)
@@ -864,26 +859,31 @@ if DOCS:
         )
 
 
-# The key check itself is ApiKeyMiddleware (it must run before the body is read); this
-# declares the scheme in the OpenAPI schema so Swagger UI's "Authorize" button works.
-bearer = HTTPBearer(auto_error=False, description="One of the keys in API_KEYS.")
-api = APIRouter(
-    prefix="/api/v1",
-    tags=["users"],
-    dependencies=[Security(bearer)],
-    responses=problem_responses(401, 422, 429, 503),
-)
+def users_operation(*statuses: int) -> dict[str, Any]:
+    """What every /api/v1 operation declares: its tag, its bearer key, the problems it may answer."""
+    return {
+        "tags": ["users"],
+        # The key itself is checked by ApiKeyMiddleware, before the body is read; declared here
+        # (not as a Security dependency, which FastAPI would solve on every request) so that
+        # the schema names it and Swagger UI's "Authorize" button works.
+        "openapi_extra": {"security": [{"bearer": []}]},
+        "responses": problem_responses(401, 422, 429, 503, *statuses),
+    }
 
-COLUMNS = (
-    User.id,
-    User.email,
-    User.email_key,
-    User.name,
-    User.is_active,
-    User.created_at,
-    User.updated_at,
-    User.version,
-)
+
+def openapi() -> dict[str, Any]:
+    """FastAPI's schema, plus the bearer scheme that users_operation() refers to."""
+    if not app.openapi_schema:
+        schema = FastAPI.openapi(app)  # builds app.openapi_schema, once
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "One of the keys in API_KEYS."}
+        }
+    return app.openapi_schema or {}
+
+
+app.openapi = openapi  # type: ignore[method-assign]
+
+COLUMNS = (User.id, User.email, User.name, User.is_active, User.created_at, User.updated_at, User.version)
 # The hot statements are built once, with their values as parameters: building a statement
 # and its cache key on every request cost more than a tenth of a worker's time in bench/.
 SELECT_USER = select(*COLUMNS).where(User.id == bindparam("user_id"))
@@ -920,9 +920,9 @@ async def fetch_user(conn: AsyncConnection, user_id: int) -> dict[str, Any]:
     return row._asdict()
 
 
-@api.get("/users", response_model=Page)
+@app.get("/api/v1/users", response_model=Page, **users_operation())
 async def list_users(
-    conn: ConnDep,
+    request: Request,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[
         str | None,
@@ -930,43 +930,45 @@ async def list_users(
     ] = None,
 ) -> dict[str, Any]:
     """List users in ascending id order, one keyset page at a time."""
-    if cursor is None:
-        rows = (await execute(conn, SELECT_PAGE, {"limit": limit + 1}, retry=True)).all()
-    else:
-        params = {"limit": limit + 1, "after": decode_cursor(cursor)}
-        rows = (await execute(conn, SELECT_PAGE_AFTER, params, retry=True)).all()
+    async with connect(request) as conn:
+        if cursor is None:
+            rows = (await execute(conn, SELECT_PAGE, {"limit": limit + 1}, retry=True)).all()
+        else:
+            params = {"limit": limit + 1, "after": decode_cursor(cursor)}
+            rows = (await execute(conn, SELECT_PAGE_AFTER, params, retry=True)).all()
     items = [row._asdict() for row in rows[:limit]]
     return {"items": items, "next_cursor": encode_cursor(items[-1]["id"]) if len(rows) > limit else None}
 
 
-@api.get("/users/{user_id}", response_model=UserOut, responses=problem_responses(404))
-async def get_user(user_id: UserId, conn: ConnDep, response: Response) -> dict[str, Any]:
+@app.get("/api/v1/users/{user_id}", response_model=UserOut, **users_operation(404))
+async def get_user(user_id: UserId, request: Request, response: Response) -> dict[str, Any]:
     """Return one user, with its ETag."""
-    user = await fetch_user(conn, user_id)
+    async with connect(request) as conn:
+        user = await fetch_user(conn, user_id)
     response.headers["ETag"] = etag(user)
     return user
 
 
-@api.post("/users", status_code=201, response_model=UserOut, responses=problem_responses(409, 413))
-async def create_user(new: UserCreate, conn: ConnDep, response: Response) -> dict[str, Any]:
+@app.post("/api/v1/users", status_code=201, response_model=UserOut, **users_operation(409, 413))
+async def create_user(new: UserCreate, request: Request, response: Response) -> dict[str, Any]:
     """Create a user; 409 when the email is taken, decided by the unique index."""
     now = datetime.now(UTC)
     user = {**new.model_dump(), "email_key": new.email.lower(), "created_at": now, "updated_at": now, "version": 1}
     try:
-        result = await execute(conn, INSERT_USER, user)
+        async with connect(request) as conn:
+            user["id"] = (await execute(conn, INSERT_USER, user)).lastrowid
     except IntegrityError:
         raise HTTPException(409, f"The email {new.email} is already taken") from None
-    user["id"] = result.lastrowid
     response.headers["Location"] = f"/api/v1/users/{user['id']}"
     response.headers["ETag"] = etag(user)
     return user
 
 
-@api.patch("/users/{user_id}", response_model=UserOut, responses=problem_responses(404, 409, 412, 413))
+@app.patch("/api/v1/users/{user_id}", response_model=UserOut, **users_operation(404, 409, 412, 413))
 async def update_user(
     user_id: UserId,
     changes: UserUpdate,
-    conn: ConnDep,
+    request: Request,
     response: Response,
     if_match: Annotated[str | None, Header(description="Update only if the user's ETag is one of these.")] = None,
 ) -> dict[str, Any]:
@@ -977,42 +979,42 @@ async def update_user(
     retries (last write wins); with it, the loser gets 412.
     """
     wanted = changes.model_dump(exclude_unset=True)
-    if "email" in wanted:
-        wanted["email_key"] = wanted["email"].lower()
     tags = parse_if_match(if_match)
-    while True:
-        user = await fetch_user(conn, user_id)
-        if tags is not None and "*" not in tags and etag(user) not in tags:
-            raise HTTPException(412, f"User {user_id} has changed: its ETag is now {etag(user)}")
-        changed = {field: value for field, value in wanted.items() if user[field] != value}
-        if not changed:  # not an update: same updated_at, same ETag
-            break
-        now = datetime.now(UTC)
-        try:
-            result = await execute(
-                conn,
-                update(User)
-                .where(User.id == user_id, User.version == user["version"])
-                .values(**changed, updated_at=now, version=user["version"] + 1),
-                # Safe to repeat: if the first try landed, the version no longer matches
-                # and the loop finds the values already in place.
-                retry=tags is None,
-            )
-        except IntegrityError:
-            raise HTTPException(409, f"The email {wanted['email']} is already taken") from None
-        if result.rowcount == 1:
-            user.update(changed, updated_at=now, version=user["version"] + 1)
-            break
-        if tags is not None:
-            raise HTTPException(412, f"User {user_id} changed while this request was applied")
+    async with connect(request) as conn:
+        while True:
+            user = await fetch_user(conn, user_id)
+            if tags is not None and "*" not in tags and etag(user) not in tags:
+                raise HTTPException(412, f"User {user_id} has changed: its ETag is now {etag(user)}")
+            changed = {field: value for field, value in wanted.items() if user[field] != value}
+            if not changed:  # not an update: same updated_at, same ETag
+                break
+            now = datetime.now(UTC)
+            values = {**changed, "updated_at": now, "version": user["version"] + 1}
+            if "email" in changed:
+                values["email_key"] = changed["email"].lower()
+            try:
+                result = await execute(
+                    conn,
+                    update(User).where(User.id == user_id, User.version == user["version"]).values(values),
+                    # Safe to repeat: if the first try landed, the version no longer matches
+                    # and the loop finds the values already in place.
+                    retry=tags is None,
+                )
+            except IntegrityError:
+                raise HTTPException(409, f"The email {wanted['email']} is already taken") from None
+            if result.rowcount == 1:
+                user.update(changed, updated_at=now, version=user["version"] + 1)
+                break
+            if tags is not None:
+                raise HTTPException(412, f"User {user_id} changed while this request was applied")
     response.headers["ETag"] = etag(user)
     return user
 
 
-@api.delete("/users/{user_id}", status_code=204, responses=problem_responses(404, 412))
+@app.delete("/api/v1/users/{user_id}", status_code=204, **users_operation(404, 412))
 async def delete_user(
     user_id: UserId,
-    conn: ConnDep,
+    request: Request,
     if_match: Annotated[str | None, Header(description="Delete only if the user's ETag is one of these.")] = None,
 ) -> Response:
     """Delete a user; with If-Match, only if the user is still at that version."""
@@ -1021,13 +1023,11 @@ async def delete_user(
     if tags is not None and "*" not in tags:
         versions = [int(t[1:-1]) for t in tags if re.fullmatch(r'"\d{1,18}"', t)]
         statement = statement.where(User.version.in_(versions))
-    if (await execute(conn, statement, retry=True)).rowcount == 0:
-        await fetch_user(conn, user_id)  # 404 when absent; otherwise the version did not match
-        raise HTTPException(412, f"User {user_id} has changed; fetch it again for its current ETag")
+    async with connect(request) as conn:
+        if (await execute(conn, statement, retry=True)).rowcount == 0:
+            await fetch_user(conn, user_id)  # 404 when absent; otherwise the version did not match
+            raise HTTPException(412, f"User {user_id} has changed; fetch it again for its current ETag")
     return Response(status_code=204)
-
-
-app.include_router(api)
 
 
 if __name__ == "__main__":

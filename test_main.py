@@ -45,7 +45,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import pytest
+from email_validator import validate_email
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from sqlalchemy import URL, delete, event, insert, make_url, select, text
 from sqlalchemy.dialects import mysql
@@ -2270,6 +2273,14 @@ async def test_email_with_any_syntactically_valid_domain_is_accepted(sqlite_serv
         response = await client.post(USERS, json={"email": f"{uuid.uuid4().hex}@{domain}", "name": "Ada"})
     assert 201 == response.status_code, response.text
     assert response.json()["email"].endswith(f"@{domain.lower()}")
+
+
+@hypothesis.settings(max_examples=500, deadline=None, database=None)
+@hypothesis.given(st.from_regex(main.PLAIN_EMAIL, fullmatch=True))
+def test_every_address_the_fast_email_check_admits_email_validator_accepts(address: str) -> None:
+    """The fast path of normalize_email admits only addresses email_validator accepts, so it changes no answer."""
+    hypothesis.assume(main.is_plain_email(address) and len(address) <= 254)
+    validate_email(address, check_deliverability=False)
 
 
 # --- Protection: error answers tell nothing of the inside ----------------------------------

@@ -165,7 +165,7 @@ async def connect(request: Request) -> AsyncIterator[AsyncConnection]:
     The connection goes back to the pool as soon as the block ends, before the response is
     serialized and sent to a client that may be slow to read it. (A FastAPI dependency with
     scope="function" would do the same through an exit stack and a shielded cancel scope per
-    request: a tenth of the CPU of a get in bench/.)
+    request: a tenth of the instructions of a get, measured as README.md's Benchmark says.)
 
     The connection is checked out within DB_POOL_TIMEOUT or DB_TIMEOUT, whichever is longer.
 
@@ -711,8 +711,8 @@ email_validator.SPECIAL_USE_DOMAIN_NAMES.clear()
 
 # The common address, in plain ASCII: a dot-atom local part, then at least two host-name labels,
 # the last ending in a letter. Every address this matches, email_validator accepts too
-# (test_main checks it on generated addresses); its full check, a fifth of the CPU of a create
-# in bench/, is left for everything else (Unicode, quoting, unusual lengths), and decides those.
+# (test_main checks it on generated addresses); its full check, a sixth of the instructions of
+# a create, is left for everything else (Unicode, quoting, unusual lengths), and decides those.
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 PLAIN_EMAIL = re.compile(rf"{ATEXT}(?:\.{ATEXT})*@(?:{LABEL}\.)+(?:[A-Za-z]|[A-Za-z0-9][A-Za-z0-9-]{{0,61}}[A-Za-z])")

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     docs_enabled: bool | None = None
     # FastAPI's native OpenTelemetry (a span, metrics and log records per request), for an
     # OpenTelemetry SDK that the deployment sets up. Off, requests skip FastAPI's look for one
-    # (3 % of a request's CPU in bench/, spent finding nothing when there is no SDK).
+    # (3 % of the instructions of a get, spent finding nothing when there is no SDK).
     telemetry: bool = False
 
     @field_validator("api_keys", "trusted_proxies", mode="before")

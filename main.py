@@ -1018,7 +1018,7 @@ async def update_user(
             except IntegrityError:
                 raise HTTPException(409, f"The email {wanted['email']} is already taken") from None
             if result.rowcount == 1:
-                user.update(changed, updated_at=now, version=user["version"] + 1)
+                user.update(values)  # email_key too, which the response model leaves out
                 break
             if tags is not None:
                 raise HTTPException(412, f"User {user_id} changed while this request was applied")

@@ -152,13 +152,13 @@ class Server:
         except FileNotFoundError:
             return []
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) the workers have used so far."""
-        total = 0
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU time (user + system) each worker has used so far."""
+        cpu = {}
         for pid in self.worker_pids():
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / os.sysconf("SC_CLK_TCK")
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        return cpu
 
     def rss_mib(self) -> dict[int, float]:
         result = {}
@@ -353,7 +353,11 @@ def main() -> None:
             result = run_wrk(server, scenario, seconds, prefix)
             # Worker CPU per request does not depend on what else runs on the machine, as
             # requests per second do: the steadier figure for comparing two versions.
-            result["cpu_us"] = (server.cpu_seconds() - cpu) / max(result["requests"], 1) * 1e6
+            used = [seconds - cpu.get(pid, 0) for pid, seconds in server.cpu_seconds().items()]
+            result["cpu_us"] = sum(used) / max(result["requests"], 1) * 1e6
+            # The kernel hands each new connection to whichever worker accepts first; now and
+            # then one worker gets most of wrk's connections, and the server runs on one core.
+            result["busiest_worker"] = max(used) / max(sum(used), 1e-9)
             if server in ours:
                 result["5xx"] = server.count_5xx(offset)
                 served[server.name] += result["requests"]
@@ -381,7 +385,8 @@ def main() -> None:
                         f"round {round_ + 1}/{args.rounds} {scenario['label']:<22} {server.name:<16} "
                         f"{result['rps']:8.0f} req/s  p99 {result['p99_us'] / 1000:7.1f} ms  "
                         f"non-2xx {result['status']}  socket errors {result['socket_errors']}  "
-                        f"timeouts {result['timeout']}  CPU {result['cpu_us']:.0f} µs/req",
+                        f"timeouts {result['timeout']}  CPU {result['cpu_us']:.0f} µs/req, "
+                        f"{result['busiest_worker']:.0%} of it in the busiest worker",
                         flush=True,
                     )
                     time.sleep(0.5)

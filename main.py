@@ -1,8 +1,9 @@
 """User records over HTTP: FastAPI in front of MySQL, MariaDB or SQLite.
 
 The file reads in the order a request meets it:
-  1. database: engine, the pool's watch (idle pings, saturation warning), connect(), which
-     lends a route its connection, and execute(), the one place statements run (time limit, retry)
+  1. database: engine, the pool's watch (idle pings, saturation warning), in_database(), which
+     runs a route's database work on a pooled connection, and Db.execute(), the one place
+     statements run (time limit, retry)
   2. lifespan: engine per worker, schema and demo data in development, Redis for the limit
   3. the app and its middleware: access log with request ids, API keys, rate limit (GCRA,
      shared by the workers, or by every container through Redis), body size limit

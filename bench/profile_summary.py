@@ -15,14 +15,14 @@ from collections import Counter
 # (label, pattern on "function (file:line)"); the first that matches a frame names it.
 PARTS = [
     ("logging (stdlib logging, JSON formatter)", r"\(logging/|JsonFormatter"),
-    ("uuid4 for X-Request-ID", r"\(uuid\.py"),
+    ("request ids for X-Request-ID", r"\(secrets\.py"),
     ("driver: aiomysql/asyncmy/pymysql, socket I/O to the database", r"\((aiomysql|asyncmy|pymysql)/"),
     ("SQLAlchemy pool: checkout, checkin, events", r"\(sqlalchemy/(pool|event)/|on_checkout|on_checkin"),
     ("SQLAlchemy: building statements, cache keys, compiling", r"\(sqlalchemy/sql/"),
     ("SQLAlchemy: results (rows, metadata)", r"\(sqlalchemy/engine/(cursor|result|row)\.py"),
     (
         "SQLAlchemy: execution, connection, asyncio adaption",
-        r"\(sqlalchemy/(engine|ext/asyncio|connectors|dialects|util)/|greenlet",
+        r"\(sqlalchemy/(engine|ext/asyncio|connectors|dialects|util)/|greenlet|awaitlet",
     ),
     ("response validation and serialization (pydantic)", r"serialize_response|\(pydantic|_prepare_response_content"),
     (
@@ -47,12 +47,21 @@ STAGES = [
     ("  route: dependencies + handler + serialization", r"^request_response\.<locals>\.app\.<locals>\.app "),
     ("    solving dependencies (parameters)", r"^solve_dependencies"),
     ("    route handler", r"^run_endpoint_function"),
-    ("      pool checkout (main.connect)", r"^(AsyncConnection\.start|AsyncEngine\.connect) "),
-    ("      statement execution (main.execute)", r"^execute \(main\.py"),
+    ("      pool checkout (in main.in_connection)", r"^Engine\.connect \(sqlalchemy"),
+    ("      statement execution (main.Db.execute)", r"^Db\.execute \(main\.py"),
+    ("      connection return (in main.in_connection)", r"^Connection\.(close|__exit__) \(sqlalchemy"),
+    ("        ROLLBACK on return", r"^Connection\.rollback \((aiomysql|asyncmy)"),
     ("    response serialization", r"^serialize_response"),
-    ("    connection return (AsyncConnection.close)", r"^AsyncConnection\.(close|__aexit__)"),
-    ("      ROLLBACK on return", r"^Connection\.rollback \((aiomysql|asyncmy)"),
     ("  access log line", r"^Logger\.(info|_log)"),
+]
+
+# Where in_database() awaits the greenlet: the frames its samples are charged under.
+GREENLET_PARENTS = [
+    "Runner.run (asyncio/runners.py)",
+    "RequestResponseCycle.run_asgi (uvicorn)",
+    "ServerErrorMiddleware.__call__ (starlette)",
+    "request_response.<locals>.app.<locals>.app (fastapi)",
+    "run_endpoint_function (fastapi)",
 ]
 
 
@@ -77,8 +86,13 @@ def main(path: str) -> None:
         stack, _, count = line.rstrip("\n").rpartition(" ")
         n = int(count)
         frames = stack.split(";")
+        # A route's database work runs in a greenlet (main.in_connection), whose frames py-spy
+        # shows as a stack of their own: it is part of the route handler all the same.
+        in_greenlet = frames[0].startswith("in_connection (main.py")
+        if in_greenlet:
+            frames = GREENLET_PARENTS + frames
         # Only the worker's request handling; gunicorn's own threads are not per-request work.
-        if not any(f.startswith("Runner.run (asyncio") for f in frames):
+        elif not any(f.startswith("Runner.run (asyncio") for f in frames):
             continue
         total += n
         parts[part_of(frames)] += n

@@ -38,6 +38,8 @@ BIN = Path(sys.executable).parent
 API_KEY = "bench-" + secrets.token_hex(8)
 
 SEEDED_PAGE = "/api/v1/users?limit=20"
+# A run in which one worker used this share of the CPU or more is repeated (see main()).
+UNEVEN = 0.9
 
 
 def cursor_after(last_id: int) -> str:
@@ -380,6 +382,14 @@ def main() -> None:
                 for server in order:
                     prefix = re.sub(r"[^A-Za-z0-9]+", "-", f"{run_id}-{server.name}-{round_}")
                     result = measure(server, scenario, args.duration, prefix)
+                    # One worker with (nearly) all the connections measures the kernel's luck,
+                    # not the server: run again, a few times at most, and count it in the report.
+                    repeats = 0
+                    while args.workers > 1 and result["busiest_worker"] >= UNEVEN and repeats < 3:
+                        print(f"  {server.name}: {result['busiest_worker']:.0%} in one worker, run again", flush=True)
+                        repeats += 1
+                        result = measure(server, scenario, args.duration, f"{prefix}-{repeats}")
+                    result["repeats"] = repeats
                     runs.append({"round": round_, "scenario": scenario["key"], "target": server.name, **result})
                     print(
                         f"round {round_ + 1}/{args.rounds} {scenario['label']:<22} {server.name:<16} "
@@ -500,7 +510,9 @@ def render(args, stamp, plan, servers, runs, memory, profile) -> str:
         "",
         "Figures are medians over the rounds; errors are totals; ratios are the median of the per-round ratios. "
         "Worker CPU per request (user + system time of the gunicorn workers / requests) hardly depends on the "
-        "load others put on the machine; req/s does.",
+        "load others put on the machine; req/s does. "
+        f"{sum(r.get('repeats', 0) for r in runs)} of the {len(runs)} measurements were taken again because one "
+        f"worker had used {UNEVEN:.0%} or more of the CPU (the kernel had given it nearly all of wrk's connections).",
         "",
         "| target | check | measured | goal | |",
         "|---|---|---:|---|---|",
@@ -511,7 +523,8 @@ def render(args, stamp, plan, servers, runs, memory, profile) -> str:
         for key, goal in (("get", 0.40), ("first", 0.50), ("create", 0.40)):
             if key in keys:
                 value = median(ratios(name, key, "rps"))
-                checks.append((f"{key} req/s / baseline", f"{value:.2f}", f">= {goal:.2f}", value >= goal))
+                # Three digits: 0.397 shown as "0.40" would read as a pass.
+                checks.append((f"{key} req/s / baseline", f"{value:.3f}", f">= {goal:.2f}", value >= goal))
         if {"deep", "first"} <= keys:
             value = median(ratios(name, "deep", "rps", other=name, other_key="first"))
             checks.append(("deep page req/s / own first page", f"{value:.2f}", ">= 0.90", value >= 0.90))

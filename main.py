@@ -211,6 +211,7 @@ async def in_database(
 
 
 def in_connection(engine: Engine, limit: asyncio.Timeout, work: Callable[..., T], args: Any, kwargs: Any) -> T:
+    """in_database()'s greenlet: check a connection out, run `work` on it, give it back."""
     try:
         conn = engine.connect()
     except DBAPIError:

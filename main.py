@@ -240,6 +240,16 @@ class Db:
         once more. The time limit surfaces as TimeoutError from in_database(); the handlers
         answer it, and DBAPIError, 503.
         """
+        try:
+            return self.attempt(statement, params)
+        except DBAPIError as exc:
+            if not (retry and exc.connection_invalidated):
+                raise
+        self.conn.rollback()  # clears the invalidated connection; the next statement checks out a new one
+        return self.attempt(statement, params)
+
+    def attempt(self, statement: Executable, params: dict[str, Any] | None) -> CursorResult[Any]:
+        """One try of a statement, with DB_TIMEOUT from now."""
         self.limit.reschedule(self.loop.time() + settings.db_timeout)
         try:
             return self.conn.execute(statement, params)
@@ -248,12 +258,6 @@ class Db:
             # unusable, never pool it again.
             self.conn.invalidate()
             raise
-        except DBAPIError as exc:
-            if not (retry and exc.connection_invalidated):
-                raise
-        self.conn.rollback()  # clears the invalidated connection; the next statement checks out a new one
-        self.limit.reschedule(self.loop.time() + settings.db_timeout)
-        return self.conn.execute(statement, params)
 
 
 # --- Lifespan ------------------------------------------------------------------------------

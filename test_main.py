@@ -1607,6 +1607,26 @@ async def test_database_stalled_is_503_within_2s_then_back_within_2s(
     await assert_back_within_deadline(service, healthy_proxy, ledger, user_id, boots)
 
 
+async def test_a_request_waiting_for_a_connection_waits_db_pool_timeout_not_the_statement(
+    db_url: URL, healthy_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """One worker, one connection, stuck in a stalled statement: the next request is 503 after DB_POOL_TIMEOUT."""
+    url = render(db_url.set(host="127.0.0.1", port=healthy_proxy.port))
+    settings = {"DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0", "DB_TIMEOUT": "1.5", "DB_POOL_TIMEOUT": "0.3"}
+    async with Server(tmp_path, workers=1, DATABASE_URL=url, **settings) as server, server.client() as client:
+        await client.get("/health")  # the connection, open and fresh: no ping at its next checkout
+        healthy_proxy.stall()
+        holder = asyncio.create_task(timed(client.get("/health")))
+        await asyncio.sleep(0.2)  # the holder has the connection, and waits for its statement
+        waiter, waited = await timed(client.get(f"{USERS}/1"))
+        held, held_for = await holder
+    print(f"waiting in line: {waiter.status_code} in {waited:.3f} s; holding: {held.status_code} in {held_for:.3f} s")
+    assert_503_problem(waiter, waited)
+    assert 0.25 < waited < 1.0, "the wait in line is DB_POOL_TIMEOUT, not the holder's DB_TIMEOUT"
+    assert_503_problem(held, held_for)
+    assert held_for > 1.4, "the statement had its DB_TIMEOUT"
+
+
 # --- Production: connections killed by the server under load -------------------------------
 
 

@@ -1612,8 +1612,8 @@ async def test_a_request_waiting_for_a_connection_waits_db_pool_timeout_not_the_
 ) -> None:
     """One worker, one connection, stuck in a stalled statement: the next request is 503 after DB_POOL_TIMEOUT."""
     url = render(db_url.set(host="127.0.0.1", port=healthy_proxy.port))
-    settings = {"DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0", "DB_TIMEOUT": "1.5", "DB_POOL_TIMEOUT": "0.3"}
-    async with Server(tmp_path, workers=1, DATABASE_URL=url, **settings) as server, server.client() as client:
+    one_connection = {"DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0", "DB_TIMEOUT": "1.5", "DB_POOL_TIMEOUT": "0.3"}
+    async with Server(tmp_path, workers=1, DATABASE_URL=url, **one_connection) as server, server.client() as client:
         await client.get("/health")  # the connection, open and fresh: no ping at its next checkout
         healthy_proxy.stall()
         holder = asyncio.create_task(timed(client.get("/health")))

@@ -180,6 +180,16 @@ class Server:
             held[pid] = sum(link in established for link in links)
         return held
 
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Return once the workers hold no client connection and have used no CPU for 0.1 s."""
+        deadline = time.monotonic() + timeout
+        cpu = sum(self.cpu_seconds().values())
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            cpu, before = sum(self.cpu_seconds().values()), cpu
+            if cpu == before and not any(self.connections().values()):
+                return
+
     def rss_mib(self) -> dict[int, float]:
         result = {}
         for pid in self.worker_pids():
@@ -244,9 +254,10 @@ def wrk_command(server: Server, scenario: dict, seconds: float, prefix: str) -> 
 
 def start_wrk(
     server: Server, scenario: dict, seconds: float, prefix: str
-) -> tuple[subprocess.Popen, dict[int, float], dict]:
+) -> tuple[subprocess.Popen, dict[int, float], int, dict]:
     """wrk under way with its connections shared evenly by the workers; the workers' CPU time
-    read just before it started; and how the connections were shared, after how many restarts.
+    and the request log's size just before it started; how the connections were shared, after
+    how many restarts.
 
     wrk opens all its connections at once and keeps them. On gunicorn's shared listening
     socket the worker that wakes first accepts every connection waiting (asyncio accepts up to
@@ -254,16 +265,15 @@ def start_wrk(
     core: a measurement of the kernel's timing, not of the server. So wrk starts over, up to
     TRIES times, until no worker holds more than EVEN of the connections; the same for every
     server. Each try has its own prefix: a create must not reuse the emails of a stopped try.
-    Each try first waits until the workers have closed the last try's connections: measured
-    against one idle service, 47 of 80 tries were even with the wait (at most 4 uneven in a
-    row), 36 of 80 without it (7 in a row).
+    Each try first waits until the workers are idle: a stopped try leaves requests behind,
+    which would count in the next (under overload, as 503s), and the worker still busy with
+    them sees the next connections first. Measured against one idle service, 47 of 80 tries
+    were even with a wait for the connections to close (at most 4 uneven in a row), 36 of 80
+    without it (7 in a row).
     """
     for restarts in range(TRIES):
-        deadline = time.monotonic() + 5
-        while sum(server.connections().values()) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)
-        cpu = server.cpu_seconds()
+        server.wait_idle()
+        cpu, offset = server.cpu_seconds(), server.log_size()
         command = wrk_command(server, scenario, seconds, f"{prefix}-{restarts}")
         wrk = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 3
@@ -271,7 +281,7 @@ def start_wrk(
             time.sleep(0.02)
         even = max(held.values()) <= EVEN * scenario["conns"]
         if even or server.workers == 1 or restarts == TRIES - 1:
-            return wrk, cpu, {"restarts": restarts, "even": even, "held": sorted(held.values())}
+            return wrk, cpu, offset, {"restarts": restarts, "even": even, "held": sorted(held.values())}
         wrk.kill()
         wrk.wait()
     raise AssertionError("unreachable")
@@ -404,8 +414,7 @@ def main() -> None:
         memory: dict[str, dict] = {s.name: {} for s in ours}
 
         def measure(server: Server, scenario: dict, seconds: float, prefix: str) -> dict:
-            offset = server.log_size() if server in ours else 0
-            wrk, cpu, split = start_wrk(server, scenario, seconds, prefix)
+            wrk, cpu, offset, split = start_wrk(server, scenario, seconds, prefix)
             result = {**wrk_result(wrk), **split}
             # Worker CPU per request does not depend on what else runs on the machine, as
             # requests per second do: the steadier figure for comparing two versions.
@@ -479,7 +488,7 @@ def main() -> None:
 def record_profile(server: Server, scenario: dict, seconds: float, stamp: str) -> str:
     """Sample one worker with py-spy under load; return the summary."""
     out = RESULTS / f"profile-{stamp}.txt"
-    load, _, _ = start_wrk(server, scenario, seconds + 4, "profile")
+    load, *_ = start_wrk(server, scenario, seconds + 4, "profile")
     try:
         time.sleep(2)
         pid = server.worker_pids()[0]

@@ -14,7 +14,8 @@ from collections import Counter
 
 # (label, pattern on "function (file:line)"); the first that matches a frame names it.
 PARTS = [
-    ("logging (stdlib logging, JSON formatter)", r"\(logging/|JsonFormatter"),
+    # The json module serves only the log formatter: responses are serialized by pydantic-core.
+    ("logging (stdlib logging, JSON formatter)", r"\(logging/|JsonFormatter|\(json/"),
     ("request ids for X-Request-ID", r"\(secrets\.py"),
     ("driver: aiomysql/asyncmy/pymysql, socket I/O to the database", r"\((aiomysql|asyncmy|pymysql)/"),
     ("SQLAlchemy pool: checkout, checkin, events", r"\(sqlalchemy/(pool|event)/|on_checkout|on_checkin"),

@@ -265,9 +265,10 @@ def start_wrk(
     core: a measurement of the kernel's timing, not of the server. So wrk starts over, up to
     TRIES times, until no worker holds more than EVEN of the connections; the same for every
     server. Each try has its own prefix: a create must not reuse the emails of a stopped try.
-    Each try first waits until the workers are idle: a stopped try leaves requests behind,
-    which would count in the next (under overload, as 503s), and the worker still busy with
-    them sees the next connections first. Measured against one idle service, 47 of 80 tries
+    Each try first waits until the workers are idle: a stopped try leaves requests that the
+    workers finish after wrk has gone, whose CPU time and any 5xx would count in the next try,
+    and the worker still busy with them sees the next connections first. Measured against one
+    idle service, 47 of 80 tries
     were even with a wait for the connections to close (at most 4 uneven in a row), 36 of 80
     without it (7 in a row).
     """

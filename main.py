@@ -1116,4 +1116,11 @@ if __name__ == "__main__":
     # loop="asyncio": on uvloop, aiomysql meets a connection the server closed with a RuntimeError,
     # not a driver error, and the dead connection is never replaced (aio-libs/aiomysql#966).
     # forwarded_allow_ips: X-Forwarded-For only from TRUSTED_PROXIES (uvicorn's default believes 127.0.0.1).
-    uvicorn.run("main:app", reload=True, loop="asyncio", forwarded_allow_ips=list(settings.trusted_proxies))
+    # access_log=False: the one line per request is AccessLogMiddleware's; uvicorn's would double it.
+    uvicorn.run(
+        "main:app",
+        reload=True,
+        loop="asyncio",
+        forwarded_allow_ips=list(settings.trusted_proxies),
+        access_log=False,
+    )

@@ -268,9 +268,8 @@ def start_wrk(
     Each try first waits until the workers are idle: a stopped try leaves requests that the
     workers finish after wrk has gone, whose CPU time and any 5xx would count in the next try,
     and the worker still busy with them sees the next connections first. Measured against one
-    idle service, 47 of 80 tries
-    were even with a wait for the connections to close (at most 4 uneven in a row), 36 of 80
-    without it (7 in a row).
+    idle service, 47 of 80 tries were even with a wait for the connections to close (at most 4
+    uneven in a row), 36 of 80 without it (7 in a row).
     """
     for restarts in range(TRIES):
         server.wait_idle()

@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     # /docs and /redoc: on in development, off in production unless this turns them on.
     docs_enabled: bool | None = None
     # FastAPI's native OpenTelemetry (a span, metrics and log records per request), for an
-    # OpenTelemetry SDK that the deployment sets up. Off, requests skip FastAPI's look for one
-    # (3 % of the instructions of a get, spent finding nothing when there is no SDK).
+    # OpenTelemetry SDK that the deployment sets up. Off, requests skip FastAPI's look for one,
+    # which finds nothing when there is no SDK.
     telemetry: bool = False
 
     @field_validator("api_keys", "trusted_proxies", mode="before")

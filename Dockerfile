@@ -11,11 +11,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # The dependencies in a layer of their own, rebuilt only when requirements.txt changes.
-# Only its service section: pytest, ruff and mypy stay out of the image.
+# Only the run-time packages: the test and check tools (requirements-dev.txt) stay out of the image.
 COPY requirements.txt .
-RUN sed -n '/^# --- the service/,/^# --- tests/p' requirements.txt > service-requirements.txt \
-    && pip install --no-cache-dir -r service-requirements.txt \
-    && rm service-requirements.txt
+RUN pip install --no-cache-dir -r requirements.txt
 
 # A user without privileges, owning none of the code: a hole in the app cannot rewrite it.
 # It has a home for gunicorn's control socket (~/.gunicorn). USER by number, so that an

@@ -51,15 +51,9 @@ class Worker(UvicornWorker):
     }
 
 
-# uvicorn-worker rather than gunicorn 27's native "asgi" worker. On SIGTERM the native worker
-# waits for idle keep-alive connections (a load balancer always holds some) until
-# graceful_timeout, and is killed before its lifespan shutdown closes the pool: seen with one
-# idle connection, no "database pool closed". And it was slower here, measured in one run,
-# alternating 10 s rounds, both on the asyncio loop, 2 workers, on a shared 2-core machine:
-#   wrk -t2 -c32 -d10s --latency -H "Authorization: Bearer $KEY" http://127.0.0.1:18210/api/v1/users/1
-#   uvicorn-worker  741 1203  940 1210 1326 req/s, p99 451 236 334  69 197 ms (median 1203, 236)
-#   native asgi     486  592  807  637 1104 req/s, p99 326 246 675 425 279 ms (median  637, 326)
-# uvicorn-worker 1.9 times the requests/s (median); ahead in 9 of 11 rounds over three runs.
+# uvicorn-worker, not gunicorn 27's native "asgi" worker: on SIGTERM that one waits for idle
+# keep-alive connections until it is killed, before its pool is closed (and it is slower:
+# bench/README.md, "The worker class").
 worker_class = Worker
 
 # Seconds an idle client connection stays open. Longer than the idle timeout of the load

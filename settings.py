@@ -1,13 +1,36 @@
-"""Typed, frozen settings read from the environment and `.env`; a typo fails at start."""
+"""Typed, frozen settings read from the environment and `.env`; a typo in either fails at start."""
 
-from typing import Annotated, Literal
+import difflib
+import os
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Environment variables of this deployment that are not the app's settings, and that the check in
+# Settings lets pass however much they look like one: gunicorn.conf.py reads the first seven, and
+# gunicorn itself FORWARDED_ALLOW_IPS; main.py's workers RATE_LIMIT_TABLE (gunicorn.conf.py sets
+# it); test_main.py TEST_MYSQL_URL and REDIS_TEST_URL, and .ci/run TEST_DATABASE and MYSQL_HOST,
+# _PORT, _USER; bench/run.py BENCH_DATABASE_URL; compose.yaml MYSQL_PASSWORD.
+OTHER_PROGRAMS_VARIABLES = frozenset(
+    {
+        "WEB_CONCURRENCY", "PORT", "GRACEFUL_TIMEOUT", "WORKER_TIMEOUT", "KEEPALIVE", "MAX_REQUESTS",
+        "MAX_REQUESTS_JITTER", "FORWARDED_ALLOW_IPS",
+        "RATE_LIMIT_TABLE",
+        "TEST_MYSQL_URL", "REDIS_TEST_URL", "TEST_DATABASE", "MYSQL_HOST", "MYSQL_PORT", "MYSQL_USER",
+        "BENCH_DATABASE_URL",
+        "MYSQL_PASSWORD",
+    }
+)  # fmt: skip
+# Kubernetes gives a pod these for every Service in its namespace (a Service named redis:
+# REDIS_SERVICE_HOST, REDIS_PORT, REDIS_PORT_6379_TCP_ADDR, ...), whatever the app's settings are.
+KUBERNETES_SERVICE_VARIABLE = re.compile(r"\w+_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)")
+
 
 class Settings(BaseSettings):
-    # extra="forbid": an unknown key in .env (a typo) stops the service at start.
+    # extra="forbid": an unknown key in .env (a typo) stops the service at start; the same for
+    # the environment is no_misspelt_variables below.
     # hide_input_in_errors: that error names the setting, never its value, which may be a
     # password (DATABASE_URL, REDIS_URL) or a key, and would land in the deployment's logs.
     model_config = SettingsConfigDict(env_file=".env", extra="forbid", frozen=True, hide_input_in_errors=True)
@@ -50,9 +73,39 @@ class Settings(BaseSettings):
     # /docs and /redoc: on in development, off in production unless this turns them on.
     docs_enabled: bool | None = None
     # FastAPI's native OpenTelemetry (a span, metrics and log records per request), for an
-    # OpenTelemetry SDK that the deployment sets up. Off, requests skip FastAPI's look for one
-    # (3 % of the instructions of a get, spent finding nothing when there is no SDK).
+    # OpenTelemetry SDK that the deployment sets up. Off, requests skip FastAPI's look for one,
+    # which finds nothing when there is no SDK.
     telemetry: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_misspelt_variables(cls, data: Any) -> Any:
+        """Refuse an environment variable that looks like one of the settings and is none of them.
+
+        The environment is every program's, so only near misses count: a name that begins as a
+        setting's does (DB_POOL_MAX for DB_POOL_SIZE, TELEMETRY_ON for TELEMETRY), or that is
+        spelt nearly as one is (DB_POOL_SZIE). The error names the variable, never its value.
+        """
+        names = {name.upper() for name in cls.model_fields}
+        # How a setting's name begins: all but its last word (DB_POOL_ of DB_POOL_SIZE), or its one word.
+        beginnings = tuple(name.rpartition("_")[0] + "_" if "_" in name else name for name in names)
+        misspelt = []
+        for variable in os.environ:
+            name = variable.upper()  # pydantic-settings matches the environment regardless of case
+            if name in names or name in OTHER_PROGRAMS_VARIABLES or KUBERNETES_SERVICE_VARIABLE.fullmatch(name):
+                continue
+            # 0.85: a letter or two swapped, lost or added; two names that only share a word score lower.
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.85)
+            # The "_" added makes a beginning alone (DOCS, of DOCS_ENABLED) a near miss too.
+            if close or f"{name}_".startswith(beginnings):
+                meant = close or difflib.get_close_matches(name, names, n=1, cutoff=0)
+                misspelt.append(f"{variable} (did you mean {meant[0]}?)")
+        if misspelt:
+            raise ValueError(
+                f"environment variables that are not settings: {', '.join(sorted(misspelt))}; "
+                "the settings are listed in .env.example"
+            )
+        return data
 
     @field_validator("api_keys", "trusted_proxies", mode="before")
     @classmethod

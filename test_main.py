@@ -1178,6 +1178,46 @@ def test_env_example_lists_every_setting() -> None:
     Settings(_env_file=HERE / ".env.example")
 
 
+@pytest.mark.parametrize(
+    ("variable", "setting"), [("DB_POOL_SZIE", "DB_POOL_SIZE"), ("TELEMETRY_ON", "TELEMETRY"), ("DOCS", "DOCS_ENABLED")]
+)
+def test_misspelt_setting_in_the_environment_stops_the_start(
+    variable: str, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An environment variable that nearly names a setting is refused by its name and the setting's, never its value."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv(variable, "5151")
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None)
+
+    assert f"{variable} (did you mean {setting}?)" in str(refused.value)
+    assert "5151" not in str(refused.value)
+
+
+def variables_read_outside_settings() -> set[str]:
+    """The variables, settings aside, that the code beside settings.py reads and compose.yaml interpolates."""
+    reads = re.compile(r"""os\.environ(?:\.get\(|\[)["'](\w+)["']""")
+    python = ("gunicorn.conf.py", "main.py", "test_main.py", "bench/run.py", "bench/baseline.py")
+    names = {name for path in python for name in reads.findall((HERE / path).read_text())}
+    names |= set(re.findall(r"\$\{(\w+)", (HERE / "compose.yaml").read_text()))
+    return names - {name.upper() for name in Settings.model_fields}
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["PATH", "HOSTNAME", "REDIS_SERVICE_HOST", "REDIS_PORT_6379_TCP_ADDR", *sorted(variables_read_outside_settings())],
+)
+def test_variables_of_other_programs_in_the_environment_do_not_stop_the_start(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Variables of the system, of Kubernetes and of the deployment's other programs pass the check."""
+    monkeypatch.setenv(variable, "1")
+
+    Settings(_env_file=None)
+
+
 # --- Servers, a TCP proxy and databases of the tests' own ----------------------------------
 
 

@@ -94,10 +94,11 @@ async def prepare_database(worker_count: int) -> str:
 
     import main
 
-    per_worker = settings.db_pool_size + settings.db_max_overflow
+    # The + 1: each worker's probe engine, the one connection /health checks the database on.
+    per_worker = settings.db_pool_size + settings.db_max_overflow + 1
     arithmetic = (
         f"{worker_count} workers x (DB_POOL_SIZE {settings.db_pool_size} + "
-        f"DB_MAX_OVERFLOW {settings.db_max_overflow}) = {worker_count * per_worker} connections"
+        f"DB_MAX_OVERFLOW {settings.db_max_overflow} + 1 for /health) = {worker_count * per_worker} connections"
     )
     engine = main.create_engine()
     try:

@@ -1645,14 +1645,14 @@ async def test_start_on_empty_database_creates_schema_once_with_4_workers(tmp_pa
 
 
 async def test_start_refuses_when_pools_exceed_max_connections(tmp_path: Path) -> None:
-    """Gunicorn refuses to start when workers x (pool + overflow) exceeds max_connections, and shows the sum."""
+    """Gunicorn refuses to start when workers x (pool + overflow + probe) exceeds max_connections; it shows the sum."""
     async with fresh_database("budget") as url:
         server = Server(tmp_path, workers=4, DATABASE_URL=render(url), DB_POOL_SIZE="100")
         returncode = await server.exit_code(within=30)
     log = server.log()
     print(log)
     assert 0 != returncode
-    assert "4 workers x (DB_POOL_SIZE 100 + DB_MAX_OVERFLOW 5) = 420 connections >" in log
+    assert "4 workers x (DB_POOL_SIZE 100 + DB_MAX_OVERFLOW 5 + 1 for /health) = 424 connections >" in log
     assert "Booting worker" not in log
 
 

@@ -53,7 +53,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.schema import CreateTable
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 import main
 from models import Base, User
@@ -1129,6 +1129,50 @@ async def test_create_whose_connection_died_is_503_and_not_repeated(
     assert 1 == len(died)
     assert_problem(response, 503)
     assert 1 == len((await client.get(USERS)).json()["items"])
+
+
+async def test_the_connection_is_back_in_the_pool_before_the_response_starts(
+    lifespan_state: dict[str, Any], engine: AsyncEngine
+) -> None:
+    """A route's connection is returned before its answer is sent, so a slow reader holds none."""
+    checked_out_at_start: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                checked_out_at_start.append(engine.pool.checkedout())  # type: ignore[attr-defined]
+            await send(message)
+
+        scope["state"] = dict(lifespan_state)
+        await main.app(scope, receive, watch)
+
+    transport = httpx.ASGITransport(app=app, client=("2001:db8::1", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        created = await client.post(USERS, json={"email": "slow-reader@example.com", "name": "Ada"})
+        await client.get(f"{USERS}/{created.json()['id']}")
+        await client.get(USERS)
+
+    assert 201 == created.status_code, created.text
+    assert [0, 0, 0] == checked_out_at_start
+
+
+async def test_the_statements_of_one_request_share_one_db_timeout(
+    client: httpx.AsyncClient, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DB_TIMEOUT bounds a request's database work as a whole: two slow statements cannot take it twice."""
+    user = await create(client)
+    monkeypatch.setattr(main, "settings", main.settings.model_copy(update={"db_timeout": 0.5}))
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def slow_statement(*args: Any) -> None:
+        time.sleep(0.3)  # a statement that takes 0.3 s, under the limit on its own
+
+    one, _ = await timed(client.get(f"{USERS}/{user['id']}"))
+    two, took = await timed(client.patch(f"{USERS}/{user['id']}", json={"name": "Changed"}))  # a read and an UPDATE
+
+    assert 200 == one.status_code, one.text
+    assert_problem(two, 503)
+    assert took < 0.9
 
 
 async def test_health_answers_at_once_while_the_pool_is_saturated(

@@ -1161,7 +1161,7 @@ async def test_the_statements_of_one_request_share_one_db_timeout(
 ) -> None:
     """DB_TIMEOUT bounds a request's database work as a whole: two slow statements cannot take it twice."""
     user = await create(client)
-    monkeypatch.setattr(main, "settings", main.settings.model_copy(update={"db_timeout": 0.5}))
+    monkeypatch.setattr(main, "settings", settings.model_copy(update={"db_timeout": 0.5}))
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
     def slow_statement(*args: Any) -> None:

@@ -19,14 +19,15 @@ import logging
 import math
 import mmap
 import os
+import random
 import re
 import secrets
 import time
 import unicodedata
 from base64 import urlsafe_b64decode, urlsafe_b64encode
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from hashlib import blake2b
 from importlib.resources import files
 from typing import Annotated, Any
@@ -52,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models import Base, User
+from models import Base, IdempotencyKey, User
 from settings import settings
 
 log = logging.getLogger("users")
@@ -218,6 +219,52 @@ async def create_schema_and_demo_users(engine: AsyncEngine) -> None:
                 )
 
 
+# Seconds between two purges of expired Idempotency-Keys, on average, in each worker.
+KEY_PURGE_INTERVAL = 300.0
+# Keys one DELETE removes at most, so that no purge holds locks that user writes wait on for long.
+KEY_PURGE_BATCH = 500
+
+
+async def purge_expired_keys(engine: AsyncEngine) -> None:
+    """Now and then, delete the Idempotency-Keys older than IDEMPOTENCY_TTL_HOURS; runs in every worker.
+
+    That is safe with any number of workers: each batch is deleted by primary key in a
+    statement of its own, so two workers on the same batch delete it once between them.
+    """
+    while True:
+        # Jittered, so that the workers of a fleet started together do not purge together.
+        await asyncio.sleep(KEY_PURGE_INTERVAL * random.uniform(0.5, 1.5))
+        try:
+            async with asyncio.timeout(KEY_PURGE_INTERVAL / 10):
+                await delete_expired_keys(engine)
+        except (TimeoutError, PoolTimeoutError, DBAPIError) as exc:
+            log.warning("purging expired idempotency keys failed, next time then: %s", type(exc).__name__)
+
+
+async def delete_expired_keys(engine: AsyncEngine, batch: int = KEY_PURGE_BATCH) -> int:
+    """Delete expired Idempotency-Keys, a batch at a time; return how many."""
+    select_batch = (
+        select(IdempotencyKey.id)
+        .where(IdempotencyKey.created_at < bindparam("cutoff"))
+        .order_by(IdempotencyKey.created_at)
+        .limit(batch)
+    )
+    deleted = 0
+    async with engine.connect() as conn:
+        while True:
+            ids = (await conn.execute(select_batch, {"cutoff": key_expiry()})).scalars().all()
+            if ids:  # in autocommit, each batch is committed on its own
+                await conn.execute(delete(IdempotencyKey).where(IdempotencyKey.id.in_(ids)))
+            deleted += len(ids)
+            if len(ids) < batch:
+                return deleted
+
+
+def key_expiry() -> datetime:
+    """The creation time before which an Idempotency-Key has expired."""
+    return datetime.now(UTC) - timedelta(hours=settings.idempotency_ttl_hours)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     configure_logging()
@@ -235,11 +282,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     )
     if redis_limiter:
         await redis_limiter.connect()
+    purge = asyncio.create_task(purge_expired_keys(engine))
     try:
         # One place per connection the pool may open; see connect() for why requests queue here.
         pool_line = asyncio.Semaphore(settings.db_pool_size + settings.db_max_overflow)
         yield {"engine": engine, "probe_engine": probe_engine, "pool_line": pool_line, "redis_limiter": redis_limiter}
     finally:
+        purge.cancel()
+        with suppress(asyncio.CancelledError):
+            await purge
         await engine.dispose()
         await probe_engine.dispose()
         log.info("database pool closed")
@@ -669,12 +720,17 @@ async def connect(request: Request) -> AsyncIterator[AsyncConnection]:
 ConnectionDep = Annotated[AsyncConnection, Depends(connect, scope="function")]
 
 
-async def read(conn: AsyncConnection, statement: Executable, params: dict[str, Any]) -> CursorResult[Any]:
-    """Run a read; if the connection turns out dead (killed by the server, cut by the network), once more."""
+async def read(
+    conn: AsyncConnection, statement: Executable, params: dict[str, Any], *, retry: bool = True
+) -> CursorResult[Any]:
+    """Run a read; if the connection turns out dead (killed by the server, cut by the network), once more.
+
+    Not inside a transaction (retry=False): the transaction died with the connection.
+    """
     try:
         return await conn.execute(statement, params)
     except DBAPIError as exc:
-        if not exc.connection_invalidated:
+        if not (retry and exc.connection_invalidated):
             raise
     await conn.rollback()  # lets go of the dead connection; the next statement checks out a fresh one
     return await conn.execute(statement, params)
@@ -919,12 +975,110 @@ def decode_cursor(cursor: str) -> int:
     return int.from_bytes(urlsafe_b64decode(cursor + "="), "big", signed=True)
 
 
-async def fetch_user(conn: AsyncConnection, user_id: int) -> dict[str, Any]:
+async def fetch_user(conn: AsyncConnection, user_id: int, *, retry: bool = True) -> dict[str, Any]:
     """Read one user as a dict; raise 404 when there is none."""
-    row = (await read(conn, SELECT_USER, {"user_id": user_id})).first()
+    row = (await read(conn, SELECT_USER, {"user_id": user_id}, retry=retry)).first()
     if row is None:
         raise HTTPException(404, f"User {user_id} does not exist")
     return as_dict(row)
+
+
+# --- Retries: the Idempotency-Key of POST and PATCH ---
+
+IDEMPOTENCY_KEY = re.compile(r'"([A-Za-z0-9._:-]{1,255})"|([A-Za-z0-9._:-]{1,255})')
+# The errors kept with a key (API.md); a 422 or a 5xx is not, so the fixed or retried request runs.
+KEPT_ERRORS = {404, 409, 412}
+KEPT = IdempotencyKey
+SELECT_KEPT = select(KEPT.id, KEPT.fingerprint, KEPT.status, KEPT.location, KEPT.etag, KEPT.body, KEPT.created_at)
+SELECT_KEPT = SELECT_KEPT.where(KEPT.owner == bindparam("owner"), KEPT.key == bindparam("key"))
+INSERT_KEPT = insert(KEPT)
+UPDATE_KEPT = update(KEPT).where(KEPT.id == bindparam("kept_id"))
+DELETE_KEPT = delete(KEPT).where(KEPT.id == bindparam("kept_id"))
+
+
+async def answer_once(
+    conn: AsyncConnection,
+    request: Request,
+    key_header: str,
+    asked: dict[str, Any],
+    status: int,
+    response: Response,
+    work: Callable[[], Awaitable[dict[str, Any]]],
+) -> Response:
+    """Answer a request with an Idempotency-Key: the first time by running work(), then by replaying that answer.
+
+    The key is claimed, the write made and its answer kept in one transaction, so that they
+    land together or not at all. A second request with the key, on any worker or container,
+    waits at the claim (the unique index) until the first one commits, then replays its answer.
+    """
+    match = IDEMPOTENCY_KEY.fullmatch(key_header)
+    if match is None:
+        raise HTTPException(400, "An Idempotency-Key is 1 to 255 characters of A-Z a-z 0-9 - _ . : (bare or quoted)")
+    # Whose key: a hash of the API key that sent it, so that no client can replay another's answer.
+    owner = blake2b(request.headers.get("authorization", "").encode(), digest_size=16).hexdigest()
+    where = {"owner": owner, "key": match[1] or match[2]}
+    fingerprint = blake2b(JSON_LINE.encode([request.method, request.url.path, asked]).encode()).hexdigest()[:64]
+    kept = (await read(conn, SELECT_KEPT, where)).first()
+    if kept is not None and kept.created_at > key_expiry():
+        return replay(kept, fingerprint)
+
+    await conn.commit()  # ends the autocommit read, so the connection may leave autocommit
+    # READ COMMITTED, so that PATCH's compare-and-swap sees each new version; SQLite has only this one.
+    await set_isolation(conn, "SERIALIZABLE" if conn.dialect.name == "sqlite" else "READ COMMITTED")
+    try:
+        async with conn.begin():
+            if kept is not None:  # expired: the key is new again
+                await conn.execute(DELETE_KEPT, {"kept_id": kept.id})
+            claim = {**where, "fingerprint": fingerprint, "status": 0, "body": "", "created_at": datetime.now(UTC)}
+            kept_id = (await conn.execute(INSERT_KEPT, claim)).lastrowid
+            try:
+                user = await work()
+                answer = Response(
+                    UserOut.model_validate(user).model_dump_json(),
+                    status,
+                    {name: response.headers[name] for name in ("Location", "ETag") if name in response.headers},
+                    media_type="application/json",
+                )
+            except HTTPException as exc:
+                if exc.status_code not in KEPT_ERRORS:
+                    raise
+                answer = problem(exc.status_code, exc.detail)
+            kept_answer = {"status": answer.status_code, "body": bytes(answer.body).decode()}
+            kept_answer |= {"location": answer.headers.get("location"), "etag": answer.headers.get("etag")}
+            await conn.execute(UPDATE_KEPT, {"kept_id": kept_id, **kept_answer})
+        return answer
+    except IntegrityError:
+        pass  # the claim lost: another request with this key has committed its answer meanwhile
+    finally:
+        if not conn.invalidated:  # back to autocommit, for the statements after this and the pool
+            await set_isolation(conn, "AUTOCOMMIT")
+    kept = (await read(conn, SELECT_KEPT, where)).first()
+    if kept is None:
+        raise HTTPException(409, "A request with this Idempotency-Key is still being processed; retry shortly")
+    return replay(kept, fingerprint)
+
+
+async def set_isolation(conn: AsyncConnection, level: str) -> None:
+    """Set the connection's isolation level; if the connection is found dead doing so, 503 as for any statement."""
+    try:
+        await conn.execution_options(isolation_level=level)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        # SQLAlchemy passes the driver's own error on from here, not wrapped in a DBAPIError.
+        await conn.invalidate(exc)
+        raise DBAPIError(None, None, exc, connection_invalidated=True) from exc
+
+
+def replay(kept: Row[Any], fingerprint: str) -> Response:
+    """The answer kept with an Idempotency-Key, again; 422 if the key was sent with another request."""
+    if kept.fingerprint != fingerprint:
+        raise HTTPException(422, "This Idempotency-Key was sent with another request; a new request needs a new key")
+    headers = {"Idempotent-Replayed": "true"}
+    if kept.location:
+        headers["Location"] = kept.location
+    if kept.etag:
+        headers["ETag"] = kept.etag
+    media_type = "application/problem+json" if kept.status >= 400 else "application/json"
+    return Response(kept.body, kept.status, headers, media_type=media_type)
 
 
 @app.get("/api/v1/users", response_model=Page, **users_operation())
@@ -952,14 +1106,40 @@ async def get_user(user_id: UserId, conn: ConnectionDep, response: Response) -> 
     return user
 
 
-@app.post("/api/v1/users", status_code=201, response_model=UserOut, **users_operation(409, 413))
-async def create_user(new: UserCreate, conn: ConnectionDep, response: Response) -> dict[str, Any]:
+# draft-ietf-httpapi-idempotency-key-header: a structured-field string, or bare as Stripe's clients send it.
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Makes a retry safe: the first answer is kept for IDEMPOTENCY_TTL_HOURS and "
+        "replayed to every request with the same key. 1 to 255 of `A-Za-z0-9-_.:`, bare or quoted.",
+    ),
+]
+
+
+@app.post("/api/v1/users", status_code=201, response_model=UserOut, **users_operation(400, 409, 413))
+async def create_user(
+    new: UserCreate,
+    conn: ConnectionDep,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> dict[str, Any] | Response:
     """Create a user; 409 when the email is taken, decided by the unique index."""
+    if idempotency_key is None:
+        return await insert_user(conn, new, response)
+    return await answer_once(
+        conn, request, idempotency_key, new.model_dump(), 201, response, lambda: insert_user(conn, new, response)
+    )
+
+
+async def insert_user(conn: AsyncConnection, new: UserCreate, response: Response) -> dict[str, Any]:
+    """POST's database work: one INSERT, committed as it returns, or in answer_once()'s transaction."""
     now = datetime.now(UTC)
     user = {**new.model_dump(), "email_key": new.email.lower(), "created_at": now, "updated_at": now, "version": 1}
     try:
-        # One statement, committed as it returns (autocommit). Not retried: had it landed
-        # before the connection died, a second try would create the user twice.
+        # Not retried: had it landed before the connection died, a second try would create the
+        # user twice. A client that sends an Idempotency-Key can retry it safely.
         user["id"] = (await conn.execute(INSERT_USER, user)).lastrowid
     except IntegrityError:
         raise HTTPException(409, f"The email {new.email} is already taken") from None
@@ -968,25 +1148,50 @@ async def create_user(new: UserCreate, conn: ConnectionDep, response: Response) 
     return user
 
 
-@app.patch("/api/v1/users/{user_id}", response_model=UserOut, **users_operation(404, 409, 412, 413))
+@app.patch("/api/v1/users/{user_id}", response_model=UserOut, **users_operation(400, 404, 409, 412, 413))
 async def update_user(
     user_id: UserId,
     changes: UserUpdate,
     conn: ConnectionDep,
+    request: Request,
     response: Response,
     if_match: Annotated[str | None, Header(description="Update only if the user's ETag is one of these.")] = None,
-) -> dict[str, Any]:
-    """Change the given fields; with If-Match, only if the user is still at one of those versions.
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> dict[str, Any] | Response:
+    """Change the given fields; with If-Match, only if the user is still at one of those versions."""
+    wanted, tags = changes.model_dump(exclude_unset=True), parse_if_match(if_match)
+    if idempotency_key is None:
+        return await apply_update(conn, user_id, wanted, tags, response)
+    return await answer_once(
+        conn,
+        request,
+        idempotency_key,
+        {**wanted, "if_match": if_match},
+        200,
+        response,
+        lambda: apply_update(conn, user_id, wanted, tags, response, in_transaction=True),
+    )
 
-    Of two writers that read the same version exactly one succeeds. Without If-Match (or with
-    `*`) the loser reads again and retries, so the last write wins; with a tag, it gets 412.
+
+async def apply_update(
+    conn: AsyncConnection,
+    user_id: int,
+    wanted: dict[str, Any],
+    tags: set[str] | None,
+    response: Response,
+    *,
+    in_transaction: bool = False,
+) -> dict[str, Any]:
+    """PATCH's database work: of two writers that read the same version exactly one succeeds.
+
+    Without If-Match (or with `*`) the loser reads again and retries, so the last write wins;
+    with a tag, it gets 412. in_transaction: answer_once() runs it in its transaction, which a
+    dead connection takes with it, so nothing may be tried again there.
     """
-    tags = parse_if_match(if_match)
-    wanted = changes.model_dump(exclude_unset=True)
     # A read, then an UPDATE, with no transaction around them: the UPDATE is a compare-and-swap
     # on the version read, so a write that lands in between makes it miss, never overwritten.
     while True:  # bounded by DB_TIMEOUT, like every statement in it
-        user = await fetch_user(conn, user_id)
+        user = await fetch_user(conn, user_id, retry=not in_transaction)
         if tags is not None and "*" not in tags and etag(user) not in tags:
             raise HTTPException(412, f"User {user_id} has changed: its ETag is now {etag(user)}")
         changed = {field: value for field, value in wanted.items() if user[field] != value}
@@ -1004,7 +1209,7 @@ async def update_user(
         except DBAPIError as exc:
             # Safe to repeat only when any version will do: had the first try landed, the loop
             # finds the values in place. With a tag, it would wrongly answer 412.
-            if not (exc.connection_invalidated and (tags is None or "*" in tags)):
+            if in_transaction or not (exc.connection_invalidated and (tags is None or "*" in tags)):
                 raise
             await conn.rollback()  # lets go of the dead connection
             continue

@@ -1,8 +1,8 @@
-"""The `users` table, portable across SQLite, MySQL 8 and MariaDB."""
+"""The tables, portable across SQLite, MySQL 8 and MariaDB: `users`, and the `idempotency_keys` kept for retries."""
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, String, TypeDecorator
+from sqlalchemy import BigInteger, DateTime, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -49,3 +49,28 @@ class User(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Bumped by every update; the ETag, and the compare-and-swap that makes If-Match exact.
     version: Mapped[int]
+
+
+class IdempotencyKey(Base):
+    """The answer to the first request that sent an Idempotency-Key, so that its retries get it again."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        # Decides between two requests with one key, on every worker and container: one inserts.
+        UniqueConstraint("owner", "key"),
+        {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"},
+    )
+
+    # A number of its own, so that the purge can delete expired keys in batches by primary key.
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    # Which API key sent it (a hash of it, never the key): one client never replays another's answer.
+    owner: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(255))
+    # What the request asked for (method, path, body): the same key for another request is 422.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int]
+    location: Mapped[str | None] = mapped_column(String(64))
+    etag: Mapped[str | None] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    # Keys expire IDEMPOTENCY_TTL_HOURS after this; the index finds the expired ones to purge.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

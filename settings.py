@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # Bytes; larger request bodies are answered 413 without being read.
     max_body_size: int = Field(default=64 * 1024, ge=0)
 
+    # Hours an Idempotency-Key's answer is kept for retries; after that the key is new again.
+    idempotency_ttl_hours: int = Field(default=24, ge=1)
+
     # Comma-separated bearer keys for /api/v1; several, so a key can be rotated without downtime.
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     # Requests per client address per window, for the whole service (all workers).

@@ -41,22 +41,22 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import URL, delete, event, insert, make_url, select, text
+from sqlalchemy import URL, delete, event, func, insert, make_url, select, text, update
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import CreateIndex, CreateTable
 from starlette.types import Message, Receive, Scope, Send
 
 import main
-from models import Base, User
+from models import Base, IdempotencyKey, User
 from settings import Settings, settings
 
 HERE = Path(__file__).parent
@@ -1209,6 +1209,185 @@ async def test_access_log_escapes_control_characters_in_the_path(client: httpx.A
     assert "/nowhere\\n2026-12-01" in lines[0]
 
 
+# --- Retries: Idempotency-Key ---------------------------------------------------------------
+
+
+async def count_users(engine: AsyncEngine, email: str) -> int:
+    async with engine.connect() as conn:
+        count = await conn.scalar(select(func.count()).select_from(User).where(User.email_key == email.lower()))
+    return int(count or 0)
+
+
+@pytest.mark.parametrize("spelling", ["{key}", '"{key}"'])
+async def test_post_retried_with_its_idempotency_key_replays_the_first_answer(
+    client: httpx.AsyncClient, engine: AsyncEngine, spelling: str
+) -> None:
+    """A retried POST gets the first answer again, marked Idempotent-Replayed, and creates no second user."""
+    key = str(uuid.uuid4())
+    body = {"email": "ada@example.com", "name": "Ada"}
+    first = await client.post(USERS, json=body, headers={"Idempotency-Key": key})
+    again = await client.post(USERS, json=body, headers={"Idempotency-Key": spelling.format(key=key)})
+
+    assert 201 == first.status_code, first.text
+    assert "idempotent-replayed" not in first.headers
+    assert (201, first.content, "true") == (again.status_code, again.content, again.headers["idempotent-replayed"])
+    assert (first.headers["location"], first.headers["etag"]) == (again.headers["location"], again.headers["etag"])
+    assert 1 == await count_users(engine, "ada@example.com")
+
+
+async def test_patch_retried_with_its_idempotency_key_is_applied_once(client: httpx.AsyncClient) -> None:
+    """A retried PATCH replays its first answer: same body, same updated_at and ETag, no second write."""
+    user = await create(client)
+    path, key = f"{USERS}/{user['id']}", {"Idempotency-Key": "patch-1"}
+    first = await client.patch(path, json={"name": "Changed"}, headers=key)
+    again = await client.patch(path, json={"name": "Changed"}, headers=key)
+
+    assert 200 == first.status_code, first.text
+    assert (200, first.content, first.headers["etag"]) == (again.status_code, again.content, again.headers["etag"])
+    assert "true" == again.headers["idempotent-replayed"]
+    assert first.json() == (await client.get(path)).json()
+
+
+async def test_kept_error_answers_are_replayed_too(client: httpx.AsyncClient) -> None:
+    """A 409 for a taken email is kept with its key: the retry gets the same 409, even after the email is freed."""
+    taken = await create(client)
+    key = {"Idempotency-Key": "taken-1"}
+    first = await client.post(USERS, json={"email": "ada@example.com", "name": "Other"}, headers=key)
+    await client.delete(f"{USERS}/{taken['id']}")
+    again = await client.post(USERS, json={"email": "ada@example.com", "name": "Other"}, headers=key)
+
+    assert_problem(first, 409)
+    assert (409, first.content, "true") == (again.status_code, again.content, again.headers["idempotent-replayed"])
+
+
+async def test_idempotency_key_sent_with_another_body_is_422_and_writes_nothing(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """The same key with another body is refused with 422, for POST and PATCH, and nothing is written."""
+    key = {"Idempotency-Key": "reused"}
+    created = await client.post(USERS, json={"email": "ada@example.com", "name": "Ada"}, headers=key)
+    path = f"{USERS}/{created.json()['id']}"
+    patched = await client.patch(path, json={"name": "A"}, headers={"Idempotency-Key": "reused-too"})
+
+    other_post = await client.post(USERS, json={"email": "grace@example.com", "name": "Grace"}, headers=key)
+    other_patch = await client.patch(path, json={"name": "B"}, headers={"Idempotency-Key": "reused-too"})
+
+    assert (201, 200) == (created.status_code, patched.status_code)
+    assert_problem(other_post, 422)
+    assert_problem(other_patch, 422)
+    assert 0 == await count_users(engine, "grace@example.com")
+    assert "A" == (await client.get(path)).json()["name"]
+
+
+async def test_idempotency_key_used_with_another_method_or_path_is_422(client: httpx.AsyncClient) -> None:
+    """A key that created a user cannot then update one, nor update another user than the first."""
+    first, second = await create(client), await create(client, "grace@example.com")
+    key = {"Idempotency-Key": "one-use"}
+    created = await client.post(USERS, json={"email": "alan@example.com", "name": "Alan"}, headers=key)
+    patch_1 = await client.patch(f"{USERS}/{first['id']}", json={"name": "X"}, headers={"Idempotency-Key": "p"})
+
+    assert (201, 200) == (created.status_code, patch_1.status_code)
+    assert_problem(await client.patch(f"{USERS}/{first['id']}", json={"name": "X"}, headers=key), 422)
+    assert_problem(
+        await client.patch(f"{USERS}/{second['id']}", json={"name": "X"}, headers={"Idempotency-Key": "p"}), 422
+    )
+    assert "Ada Lovelace" == (await client.get(f"{USERS}/{second['id']}")).json()["name"]
+
+
+@pytest.mark.parametrize("key", ["", " ", "a b", "x" * 256, '"unclosed', "ünïcode", '"a"b"', "a,b"])
+@pytest.mark.parametrize(("method", "path"), WRITES)
+async def test_malformed_idempotency_key_is_400(
+    client: httpx.AsyncClient, user: dict[str, Any], method: str, path: str, key: str
+) -> None:
+    """A key that is not 1 to 255 characters of A-Za-z0-9-_.: (bare or quoted) is 400, and nothing is written."""
+    response = await client.request(
+        method,
+        aimed_at(path, user),
+        json={"email": "new@example.com", "name": "New"},
+        headers=[(b"idempotency-key", key.encode())],
+    )
+
+    assert_problem(response, 400)
+    assert 1 == len((await client.get(USERS)).json()["items"])
+
+
+async def test_validation_error_is_not_kept_so_the_corrected_request_succeeds(client: httpx.AsyncClient) -> None:
+    """A 422 for an invalid body is not kept with its key: the fixed request with the same key runs."""
+    key = {"Idempotency-Key": "fix-me"}
+    invalid = await client.post(USERS, json={"email": "not an address", "name": "Ada"}, headers=key)
+    fixed = await client.post(USERS, json={"email": "ada@example.com", "name": "Ada"}, headers=key)
+
+    assert_problem(invalid, 422)
+    assert 201 == fixed.status_code, fixed.text
+
+
+async def test_concurrent_requests_with_one_idempotency_key_write_once(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """20 requests at once with one key: one user is created, and every answer is that one (replayed) or a 409."""
+    body, key = {"email": "ada@example.com", "name": "Ada"}, {"Idempotency-Key": "racing"}
+
+    responses = await asyncio.gather(*(client.post(USERS, json=body, headers=key) for _ in range(20)))
+
+    originals = [r for r in responses if r.status_code == 201 and "idempotent-replayed" not in r.headers]
+    assert 1 == len(originals), [r.status_code for r in responses]
+    replays = [r for r in responses if r.headers.get("idempotent-replayed") == "true"]
+    assert {originals[0].content} == {r.content for r in replays}
+    assert set() == {r.status_code for r in responses if r not in originals and r not in replays} - {409}
+    assert 1 == await count_users(engine, "ada@example.com")
+
+
+async def test_a_connection_goes_back_to_autocommit_after_a_request_with_a_key(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    """The transaction a key needs ends with its request: the next writes on that connection commit at once."""
+    await client.post(USERS, json={"email": "keyed@example.com", "name": "K"}, headers={"Idempotency-Key": "k"})
+    plain = [await create(client, f"plain-{n}@example.com") for n in range(3)]
+
+    other = create_async_engine(database_url, poolclass=NullPool)
+    try:
+        async with other.connect() as conn:
+            seen = (await conn.scalars(select(User.id).where(User.email_key.like("plain-%")))).all()
+    finally:
+        await other.dispose()
+    assert sorted(u["id"] for u in plain) == sorted(seen)
+
+
+async def test_expired_idempotency_key_is_new_again(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    """After IDEMPOTENCY_TTL_HOURS a key is forgotten: the same key runs the request anew."""
+    key = {"Idempotency-Key": "old"}
+    first = await client.post(USERS, json={"email": "ada@example.com", "name": "Ada"}, headers=key)
+    async with engine.connect() as conn:
+        hours = settings.idempotency_ttl_hours
+        await conn.execute(
+            update(IdempotencyKey).values(created_at=datetime.now(UTC) - timedelta(hours=hours, seconds=1))
+        )
+
+    again = await client.post(USERS, json={"email": "grace@example.com", "name": "Grace"}, headers=key)
+
+    assert 201 == first.status_code, first.text
+    assert 201 == again.status_code, again.text
+    assert "idempotent-replayed" not in again.headers
+    assert first.json()["id"] != again.json()["id"]
+
+
+async def test_purge_deletes_expired_idempotency_keys_in_batches_and_keeps_the_rest(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """The purge removes every expired key, a batch at a time, and no key that is still valid."""
+    for n in range(7):
+        await client.post(USERS, json={"email": f"u{n}@example.com", "name": "U"}, headers={"Idempotency-Key": f"k{n}"})
+    expired = datetime.now(UTC) - timedelta(hours=settings.idempotency_ttl_hours, minutes=1)
+    async with engine.connect() as conn:
+        await conn.execute(update(IdempotencyKey).where(IdempotencyKey.key != "k6").values(created_at=expired))
+
+    deleted = await main.delete_expired_keys(engine, batch=2)
+
+    assert 6 == deleted
+    async with engine.connect() as conn:
+        assert ["k6"] == (await conn.scalars(select(IdempotencyKey.key))).all()
+
+
 # --- Configuration -------------------------------------------------------------------------
 
 
@@ -1723,12 +1902,18 @@ INITDB = HERE / "initdb"
 
 
 def schema_sql() -> str:
-    """initdb/01-schema.sql as it must be: the users table of models.py, as MySQL DDL."""
-    ddl = str(CreateTable(Base.metadata.tables[User.__tablename__]).compile(dialect=mysql.dialect())).strip()
+    """initdb/01-schema.sql as it must be: the tables of models.py and their indexes, as MySQL DDL."""
+    dialect = mysql.dialect()
+    statements = []
+    for table in Base.metadata.sorted_tables:
+        statements.append(str(CreateTable(table).compile(dialect=dialect)).strip())
+        statements += [
+            str(CreateIndex(index).compile(dialect=dialect)).strip() for index in sorted(table.indexes, key=str)
+        ]
     return (
-        "-- The users table, generated from models.py; do not edit (test_main.py checks it):\n"
+        "-- The tables, generated from models.py; do not edit (test_main.py checks it):\n"
         "-- python -c 'import test_main as t; print(t.schema_sql(), end=\"\")' > initdb/01-schema.sql\n"
-        f"{ddl};\n"
+        + "".join(f"{statement};\n" for statement in statements)
     )
 
 
@@ -1738,7 +1923,7 @@ def test_initdb_schema_is_generated_from_models() -> None:
 
 
 async def test_initdb_creates_the_table_create_all_creates_and_the_demo_users() -> None:
-    """The initdb scripts, run as MySQL's entrypoint runs them, give create_all's table and main.py's demo users."""
+    """The initdb scripts, run as MySQL's entrypoint runs them, give create_all's tables and main.py's demo users."""
     async with fresh_database("initdb") as by_initdb, fresh_database("create_all") as by_create_all:
         engines = [create_async_engine(url, poolclass=NullPool) for url in (by_initdb, by_create_all)]
         try:
@@ -1753,8 +1938,8 @@ async def test_initdb_creates_the_table_create_all_creates_and_the_demo_users() 
             tables = []
             for engine in engines:
                 async with engine.connect() as conn:
-                    ddl = (await conn.execute(text("SHOW CREATE TABLE users"))).one()[1]
-                    tables.append(re.sub(r" AUTO_INCREMENT=\d+", "", ddl))  # the next id is data, not schema
+                    ddl = [(await conn.execute(text(f"SHOW CREATE TABLE {t}"))).one()[1] for t in Base.metadata.tables]
+                    tables.append([re.sub(r" AUTO_INCREMENT=\d+", "", d) for d in ddl])  # the next id is data
         finally:
             for engine in engines:
                 await engine.dispose()
@@ -1934,6 +2119,77 @@ async def test_connections_killed_under_load_fail_no_read_and_at_most_one_write_
                 )
             ).all()
             assert rows in ([], [(user["email"], user["name"], user["is_active"])])
+
+
+async def test_clients_that_retry_with_idempotency_keys_through_killed_connections_write_each_user_once(
+    service: Server, healthy_proxy: TcpProxy, admin: AsyncEngine, db_url: URL, ledger: Ledger
+) -> None:
+    """Connections KILLed under load; clients retry each POST and PATCH with its key until answered: one write each."""
+    stop = asyncio.Event()
+    answered: dict[str, dict[str, Any]] = {}  # by email: the user as last answered
+    retried: Counter[str] = Counter()
+
+    async def until_answered(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        for _ in range(100):
+            try:
+                response = await client.request(method, path, json=body, headers=key)
+            except httpx.TransportError as exc:
+                retried[type(exc).__name__] += 1
+            else:
+                if response.status_code < 500:
+                    ledger.record(response)
+                    return response
+                retried[str(response.status_code)] += 1
+            await asyncio.sleep(0.05)
+        pytest.fail(f"{method} {path} was never answered")
+
+    async def client_loop() -> None:
+        async with service.client(timeout=10) as client:
+            while not stop.is_set():
+                user = new_user()
+                created = await until_answered(client, "POST", USERS, user)
+                assert 201 == created.status_code, created.text
+                path = f"{USERS}/{created.json()['id']}"
+                patched = await until_answered(client, "PATCH", path, {"name": f"Renamed {user['name']}"})
+                assert 200 == patched.status_code, patched.text
+                answered[user["email"]] = patched.json()
+
+    load = asyncio.gather(*(client_loop() for _ in range(6)))
+    killed = 0
+    for _ in range(3):
+        await asyncio.sleep(0.7)
+        killed += await kill_service_connections(admin, str(db_url.database))
+    await asyncio.sleep(0.7)
+    stop.set()
+    await load
+    print(f"killed {killed} connections; {len(answered)} users created and renamed; retried {dict(retried)}")
+
+    assert killed > 0 and len(answered) > 10
+    async with admin.connect() as conn:
+        for email, user in answered.items():
+            rows = (await conn.execute(select(User.id, User.name).where(User.email_key == email.lower()))).all()
+            assert [(user["id"], user["name"])] == [tuple(row) for row in rows]
+
+
+async def test_concurrent_requests_with_one_key_across_two_workers_write_once(
+    service: Server, admin: AsyncEngine
+) -> None:
+    """20 requests at once with one key, on 20 connections to both workers: one user; the rest replays or 409."""
+    body, key = new_user(), {"Idempotency-Key": str(uuid.uuid4())}
+
+    async def post() -> httpx.Response:
+        async with service.client(timeout=10) as client:
+            return await client.post(USERS, json=body, headers=key)
+
+    responses = await asyncio.gather(*(post() for _ in range(20)))
+
+    originals = [r for r in responses if r.status_code == 201 and "idempotent-replayed" not in r.headers]
+    replays = [r for r in responses if r.headers.get("idempotent-replayed") == "true"]
+    assert 1 == len(originals), [r.status_code for r in responses]
+    assert {originals[0].content} == {r.content for r in replays}
+    assert set() == {r.status_code for r in responses if r not in originals and r not in replays} - {409}
+    assert 1 == await count_users(admin, body["email"])
 
 
 # --- Production: connections idle past a proxy's or the server's timeout -------------------

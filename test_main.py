@@ -2556,6 +2556,30 @@ async def test_requests_without_a_valid_key_are_rate_limited_too(tmp_path: Path)
     assert_problem(responses[-1], 429)
 
 
+async def test_idempotency_keys_of_two_api_keys_are_apart(sqlite_service: Server) -> None:
+    """One Idempotency-Key sent with two API keys is two keys: neither client is replayed the other's answer."""
+    key = {"Idempotency-Key": "shared-name"}
+    async with sqlite_service.client(KEYS[0]) as one, sqlite_service.client(KEYS[1]) as other:
+        first = await one.post(USERS, json=new_user(), headers=key)
+        second = await other.post(USERS, json=new_user(), headers=key)
+        again = await one.post(USERS, json=new_user(), headers=key)
+
+    assert (201, 201) == (first.status_code, second.status_code)
+    assert "idempotent-replayed" not in second.headers
+    assert first.json()["id"] != second.json()["id"]
+    assert_problem(again, 422)  # the first client's key, with another body
+
+
+async def test_openapi_declares_the_idempotency_key_with_its_answers(sqlite_service: Server) -> None:
+    """POST and PATCH declare the Idempotency-Key header, and the 400, 409 and 422 it may bring."""
+    async with sqlite_service.client() as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+
+    for operation in (paths[USERS]["post"], paths[USERS + "/{user_id}"]["patch"]):
+        assert "Idempotency-Key" in [p["name"] for p in operation["parameters"] if p["in"] == "header"]
+        assert {"400", "409", "422"} <= operation["responses"].keys()
+
+
 async def test_429_is_answered_without_the_database(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
     """Past the limit, the middleware answers alone: no database connection is checked out for a 429."""
     if settings.rate_limit > 1000:

@@ -61,6 +61,8 @@ def scenarios(users: int) -> list[dict]:
             "arg": f"{SEEDED_PAGE}&cursor={cursor_after(users - 30)}",
         },
         {"key": "create", "label": "create", "conns": 32, "kind": "create", "arg": "0"},
+        # Not in the default run: what an Idempotency-Key costs a create (--scenarios ...,create_key).
+        {"key": "create_key", "label": "create with Idempotency-Key", "conns": 32, "kind": "create", "arg": "1"},
         {"key": "overload", "label": "get by id, 256 conns", "conns": 256, "kind": "get", "arg": str(users)},
     ]
 
@@ -93,6 +95,7 @@ def seed(url: str, users: int) -> None:
     engine.dispose()
     with pymysql.connect(database=db, **connect) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM users WHERE id > %s", (users,))
+        cur.execute("TRUNCATE TABLE idempotency_keys")
         cur.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM users")
         count, top = cur.fetchone()
         if (count, top) != (users, users):

@@ -2,7 +2,8 @@
 --   wrk ... -s bench/scenario.lua URL -- <scenario> <argument> <email prefix>
 -- get:    GET /api/v1/users/<random id in 1..argument>
 -- path:   GET <argument> (a fixed page)
--- create: POST /api/v1/users with an email unique to this run, target, thread and request
+-- create: POST /api/v1/users with an email unique to this run, target, thread and request;
+--         with argument 1, also an Idempotency-Key as unique
 -- done() prints one line of JSON that run.py reads.
 
 local threads = {}
@@ -36,6 +37,9 @@ function request()
       counter = counter + 1
       local body = string.format('{"email":"%s-%d-%d@bench.example.com","name":"Bench User %d"}',
                                  prefix, thread_id, counter, counter)
+      if argument == 1 then
+         wrk.headers["Idempotency-Key"] = string.format("%s-%d-%d", prefix, thread_id, counter)
+      end
       return wrk.format("POST", "/api/v1/users", nil, body)
    end
    return fixed

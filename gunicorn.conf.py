@@ -38,11 +38,9 @@ timeout = int(os.environ.get("WORKER_TIMEOUT", str(graceful_timeout + 10)))
 class Worker(UvicornWorker):
     CONFIG_KWARGS = {
         **UvicornWorker.CONFIG_KWARGS,
-        # Python's own event loop, not uvloop: on uvloop, aiomysql writing to a connection the
-        # server or network has closed raises RuntimeError instead of a driver error, so the
-        # dead connection is neither detected nor replaced and the request fails with a 500
-        # (aio-libs/aiomysql#966; found by the production tests in test_main.py).
-        "loop": "asyncio",
+        # EVENT_LOOP: uvloop unless set to asyncio (main.create_engine() makes aiomysql's
+        # errors on a closed connection the same on both).
+        "loop": settings.event_loop,
         # The one access log line per request is AccessLogMiddleware's; uvicorn's would double it.
         "access_log": False,
         # uvicorn waits for open requests forever unless told; gunicorn would then kill the

@@ -44,7 +44,19 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from sqlalchemy import CursorResult, Executable, Row, bindparam, delete, event, func, insert, select, update
+from sqlalchemy import (
+    CursorResult,
+    ExceptionContext,
+    Executable,
+    Row,
+    bindparam,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -91,8 +103,25 @@ def create_engine(*, probe: bool = False) -> AsyncEngine:
             else {"connect_timeout": settings.db_timeout, "charset": "utf8mb4"}
         ),
     )
-    watch_pool(engine, pool_size + max_overflow)
+    # The probe engine's one connection is in use at every health check: no warning for it.
+    watch_pool(engine, pool_size + max_overflow, warn=not probe)
+    event.listen(engine.sync_engine, "handle_error", closed_transport_is_a_disconnect)
     return engine
+
+
+def closed_transport_is_a_disconnect(context: ExceptionContext) -> DBAPIError | None:
+    """Make aiomysql's RuntimeError on uvloop for a closed connection the disconnect it is.
+
+    On asyncio, aiomysql writing to a connection that the server or the network has closed
+    raises OperationalError; on uvloop the transport's own RuntimeError escapes instead
+    (aio-libs/aiomysql#966), which SQLAlchemy would neither recognise nor wrap. Remove this
+    once aiomysql raises its own error there.
+    """
+    error = context.original_exception
+    if not (isinstance(error, RuntimeError) and "handler is closed" in str(error)):
+        return None
+    context.is_disconnect = True  # SQLAlchemy invalidates the connection: it is never pooled again
+    return OperationalError(context.statement, context.parameters, error, connection_invalidated=True)
 
 
 # A connection that sat idle this long is pinged before use: the server (wait_timeout) or a
@@ -102,8 +131,8 @@ IDLE_PING_AFTER = 2.0
 SATURATION_LOG_INTERVAL = 10.0
 
 
-def watch_pool(engine: AsyncEngine, capacity: int) -> None:
-    """Ping connections that were idle, and warn when the pool is saturated and requests queue."""
+def watch_pool(engine: AsyncEngine, capacity: int, *, warn: bool) -> None:
+    """Ping connections that were idle, and (with warn) warn when the pool is saturated and requests queue."""
     pool = engine.sync_engine.pool
     last_warning = 0.0
 
@@ -117,7 +146,12 @@ def watch_pool(engine: AsyncEngine, capacity: int) -> None:
         # cut). The dialect's terminate says goodbye where it can and shuts the socket where it
         # cannot, so the pool's close that follows finds nothing left to do, and logs no
         # traceback for a goodbye that could not be said.
-        engine.dialect.do_terminate(dbapi_connection)
+        try:
+            engine.dialect.do_terminate(dbapi_connection)
+        except RuntimeError:
+            # On uvloop aiomysql's goodbye to a closed connection raises RuntimeError, which
+            # terminate does not expect (aio-libs/aiomysql#966): shut the socket without one.
+            dbapi_connection.driver_connection.close()
 
     @event.listens_for(pool, "checkout")
     def on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
@@ -129,7 +163,7 @@ def watch_pool(engine: AsyncEngine, capacity: int) -> None:
             except Exception as exc:
                 # The pool discards this connection and checks out another.
                 raise DisconnectionError("idle connection was closed") from exc
-        if pool.checkedout() >= capacity and now - last_warning > SATURATION_LOG_INTERVAL:  # type: ignore[attr-defined]
+        if warn and pool.checkedout() >= capacity and now - last_warning > SATURATION_LOG_INTERVAL:  # type: ignore[attr-defined]
             last_warning = now
             log.warning(
                 "database pool saturated: %d of %d connections in use; requests are queueing "
@@ -1062,8 +1096,9 @@ async def set_isolation(conn: AsyncConnection, level: str) -> None:
     """Set the connection's isolation level; if the connection is found dead doing so, 503 as for any statement."""
     try:
         await conn.execution_options(isolation_level=level)
-    except conn.dialect.loaded_dbapi.Error as exc:
-        # SQLAlchemy passes the driver's own error on from here, not wrapped in a DBAPIError.
+    except (conn.dialect.loaded_dbapi.Error, RuntimeError) as exc:
+        # SQLAlchemy passes the driver's own error on from here, not wrapped in a DBAPIError
+        # (RuntimeError: aiomysql's on uvloop, see closed_transport_is_a_disconnect()).
         await conn.invalidate(exc)
         raise DBAPIError(None, None, exc, connection_invalidated=True) from exc
 
@@ -1257,14 +1292,12 @@ async def delete_user(
 if __name__ == "__main__":
     import uvicorn
 
-    # loop="asyncio": on uvloop, aiomysql meets a connection the server closed with a RuntimeError,
-    # not a driver error, and the dead connection is never replaced (aio-libs/aiomysql#966).
     # forwarded_allow_ips: X-Forwarded-For only from TRUSTED_PROXIES (uvicorn's default believes 127.0.0.1).
     # access_log=False: the one line per request is AccessLogMiddleware's; uvicorn's would double it.
     uvicorn.run(
         "main:app",
         reload=True,
-        loop="asyncio",
+        loop=settings.event_loop,
         forwarded_allow_ips=list(settings.trusted_proxies),
         access_log=False,
     )

@@ -18,7 +18,8 @@ OTHER_PROGRAMS_VARIABLES = frozenset(
         "WEB_CONCURRENCY", "PORT", "GRACEFUL_TIMEOUT", "WORKER_TIMEOUT", "KEEPALIVE", "MAX_REQUESTS",
         "MAX_REQUESTS_JITTER", "FORWARDED_ALLOW_IPS",
         "RATE_LIMIT_TABLE",
-        "TEST_MYSQL_URL", "REDIS_TEST_URL", "TEST_DATABASE", "MYSQL_HOST", "MYSQL_PORT", "MYSQL_USER",
+        "TEST_MYSQL_URL", "REDIS_TEST_URL", "TEST_DATABASE", "TEST_EVENT_LOOP",
+        "MYSQL_HOST", "MYSQL_PORT", "MYSQL_USER",
         "BENCH_DATABASE_URL",
         "MYSQL_PASSWORD",
     }
@@ -52,6 +53,9 @@ class Settings(BaseSettings):
     # Seconds one statement (or a connection attempt) may take before it is answered 503;
     # together with the pool timeout it keeps every answer under 2 s when the database is gone.
     db_timeout: float = Field(default=1.0, gt=0)
+
+    # The event loop of every worker: uvloop, the faster, or Python's own asyncio loop.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     # Bytes; larger request bodies are answered 413 without being read.
     max_body_size: int = Field(default=64 * 1024, ge=0)

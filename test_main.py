@@ -18,7 +18,8 @@ mysql+aiomysql://root@127.0.0.1:3306/test_users), and databases the tests create
 needs MariaDB is skipped, and says so. Redis is REDIS_TEST_URL (redis://127.0.0.1:6379/0 by
 default), under key prefixes of the tests' own that they delete again; without it the Redis
 tests are skipped. Servers run as subprocesses, gunicorn as deployed and uvicorn as in
-development, each in a folder of its own, on ports the kernel picks.
+development, each in a folder of its own, on ports the kernel picks, on uvloop (or on asyncio
+with TEST_EVENT_LOOP=asyncio) and with TEST_MYSQL_URL's driver (aiomysql, or asyncmy).
 """
 
 import asyncio
@@ -61,6 +62,8 @@ from settings import Settings, settings
 
 HERE = Path(__file__).parent
 TEST_MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "")
+# The event loop of the servers the tests start: EVENT_LOOP's default (uvloop) unless this says asyncio.
+TEST_EVENT_LOOP = os.environ.get("TEST_EVENT_LOOP", "")
 REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/0")
 # The API keys of the servers the tests start (the ASGI app keeps the test process's own).
 KEYS = ("test-key-old", "test-key-new")
@@ -1464,6 +1467,7 @@ def service_env(folder: Path, **overrides: str) -> dict[str, str]:
         "PYTHONPATH": str(HERE),
         "DATABASE_URL": f"sqlite+aiosqlite:///{folder / 'users.db'}",
         "API_KEYS": ",".join(KEYS),
+        **({"EVENT_LOOP": TEST_EVENT_LOOP} if TEST_EVENT_LOOP else {}),
         **overrides,
     }
 
@@ -1804,23 +1808,27 @@ async def timed(coroutine: Any) -> tuple[httpx.Response, float]:
 
 async def every_endpoint_once(service: Server, ledger: Ledger, user_id: int) -> list[tuple[str, httpx.Response, float]]:
     """One call to each endpoint, concurrently, each on its own connection (so both workers answer)."""
+    calls: list[tuple[str, str, dict[str, Any]]] = [
+        *[("GET", "/health", {}) for _ in range(4)],
+        *[("GET", f"{USERS}/{user_id}", {}) for _ in range(4)],
+        ("GET", USERS, {}),
+        ("POST", USERS, {"json": new_user()}),
+        ("PATCH", f"{USERS}/{user_id}", {"json": {"name": f"Patched {uuid.uuid4().hex[:8]}"}}),
+        ("DELETE", f"{USERS}/{2**62}", {}),
+    ]
+    # Every client is made before the first request: making one takes the test's event loop
+    # long enough to show in the others' timings.
+    clients = [service.client(timeout=10) for _ in calls]
 
-    async def call(method: str, path: str, **kwargs: Any) -> tuple[str, httpx.Response, float]:
-        async with service.client(timeout=10) as client:
+    async def call(
+        client: httpx.AsyncClient, method: str, path: str, kwargs: dict[str, Any]
+    ) -> tuple[str, httpx.Response, float]:
+        async with client:
             response, elapsed = await timed(client.request(method, path, **kwargs))
             ledger.record(response)
             return f"{method} {path}", response, elapsed
 
-    return list(
-        await asyncio.gather(
-            *[call("GET", "/health") for _ in range(4)],
-            *[call("GET", f"{USERS}/{user_id}") for _ in range(4)],
-            call("GET", USERS),
-            call("POST", USERS, json=new_user()),
-            call("PATCH", f"{USERS}/{user_id}", json={"name": f"Patched {uuid.uuid4().hex[:8]}"}),
-            call("DELETE", f"{USERS}/{2**62}"),
-        )
-    )
+    return list(await asyncio.gather(*(call(client, *c) for client, c in zip(clients, calls, strict=True))))
 
 
 async def some_user(service: Server, ledger: Ledger) -> int:

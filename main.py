@@ -28,15 +28,7 @@ from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from hashlib import blake2b
 from importlib.resources import files
-from typing import (
-    Annotated,
-    Any,
-    Concatenate,
-    Literal,
-    NotRequired,  # pydantic needs typing_extensions' TypedDict on 3.11
-    ParamSpec,
-    TypeVar,
-)
+from typing import Annotated, Any, Concatenate, Literal, NotRequired, ParamSpec, TypeVar
 
 import email_validator
 from awaitlet import async_def
@@ -82,7 +74,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict  # pydantic reads typing's own only from Python 3.12 on
 
 from models import Base, User
 from settings import settings
@@ -948,12 +940,15 @@ class Checks(BaseModel):
     database: Literal["ok", "unavailable"]
 
 
+# int32: a pool is bounded by the database's max_connections, itself far below 2**31.
+PoolFigure = Annotated[int, Field(json_schema_extra={"format": "int32", "minimum": 0, "maximum": 2**31 - 1})]
+
+
 class Pool(BaseModel):
-    # int32: a pool is bounded by the database's max_connections, itself far below 2**31.
-    size: int = Field(json_schema_extra={"format": "int32", "minimum": 0, "maximum": 2**31 - 1})
-    checked_out: int = Field(json_schema_extra={"format": "int32", "minimum": 0, "maximum": 2**31 - 1})
-    overflow: int = Field(json_schema_extra={"format": "int32", "minimum": 0, "maximum": 2**31 - 1})
-    max_overflow: int = Field(json_schema_extra={"format": "int32", "minimum": 0, "maximum": 2**31 - 1})
+    size: PoolFigure
+    checked_out: PoolFigure
+    overflow: PoolFigure
+    max_overflow: PoolFigure
 
 
 class Health(BaseModel):
@@ -1025,6 +1020,7 @@ HEADERS = {
         pattern=r'^"default";q=\d{1,10};w=\d{1,10}$',
         examples=['"default";q=100;w=60'],
     ),
+    # A 429 waits at most one window of the rate limit; a 503 says 1.
     "Retry-After": header(
         "Seconds to wait before trying again.",
         type="integer",

@@ -2459,7 +2459,7 @@ async def test_422_lists_at_most_the_schemas_maxitems_errors(client: httpx.Async
 
 
 @pytest.mark.parametrize(("method", "body"), CONDITIONAL)
-async def test_if_match_over_its_max_length_is_422_and_at_it_412(
+async def test_if_match_over_the_schemas_max_length_is_422_and_at_it_412(
     client: httpx.AsyncClient, method: str, body: dict[str, Any] | None
 ) -> None:
     """If-Match has at most MAX_IF_MATCH characters, as the schema says; within them, a tag of no version is 412."""
@@ -2515,7 +2515,7 @@ async def test_every_answer_carries_the_headers_its_schema_declares(client: http
     assert f"{USERS}/{user_id}" == created.headers["location"]
 
 
-async def test_retry_after_and_www_authenticate_are_declared_where_they_are_sent() -> None:
+async def test_schema_declares_retry_after_and_www_authenticate_where_they_are_sent() -> None:
     """429 and 503 declare Retry-After, 401 WWW-Authenticate; the tests above show them sent."""
     schema = main.app.openapi()
     for path, item in schema["paths"].items():

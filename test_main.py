@@ -2415,9 +2415,14 @@ SCHEMATHESIS_EXAMPLES = 500
 SCHEMATHESIS_SEED = 20261127
 # A schema-valid If-Match that names another version is answered 412: that is the contract
 # (API.md, "Concurrency"), so 412 counts as accepting the data, next to the default statuses.
+# A name longer than its schema's maxLength, the body limit, cannot fit in a body: 413 refuses
+# it, next to the default statuses that count as rejecting invalid data.
 SCHEMATHESIS_CONFIG = """
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "412", "429", "5xx"]
+
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
 """
 
 

@@ -30,7 +30,7 @@ from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from hashlib import blake2b
 from importlib.resources import files
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, NotRequired
 
 import idna
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
@@ -38,7 +38,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -64,6 +73,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing_extensions import TypedDict  # pydantic reads typing's own only from Python 3.12 on
 
 from models import Base, IdempotencyKey, User
 from settings import settings
@@ -339,6 +349,24 @@ DOCS = settings.docs_enabled if settings.docs_enabled is not None else settings.
 app = FastAPI(
     title="Users API",
     version="1.0.0",
+    description="User records: create, read, list, update and delete, with bearer API keys, ETags and a rate limit.",
+    # Relative: the schema describes whichever deployment serves it, at that origin.
+    servers=[
+        {
+            "url": "/",
+            "description": "The deployment that serves this schema: production or local development.",
+            "x-internal": False,
+        }
+    ],
+    # No license has been chosen for this code yet; until one is, nobody else may use it.
+    license_info={"name": "Proprietary: all rights reserved", "identifier": "LicenseRef-Proprietary"},
+    contact={"name": "The Users API maintainers"},
+    openapi_tags=[
+        {"name": "users", "description": "The user records, under /api/v1; every operation needs an API key."},
+        {"name": "health", "description": "For load balancers and orchestrators; needs no key."},
+    ],
+    # operationId: the route function's name, which generated clients name their functions after.
+    generate_unique_id_function=lambda route: route.name,
     lifespan=lifespan,
     # No max_body_size here: FastAPI's limit answers a too-large Content-Length in plain text,
     # past every handler; BodyLimitMiddleware below answers it as a problem.
@@ -700,9 +728,16 @@ def allowed_methods(scope: Scope) -> str:
     return ", ".join(sorted({method for route in routes for method in route.methods or ()}))
 
 
+# A 422 lists at most this many errors, each message cut to at most MAX_ERROR_MESSAGE characters,
+# as the schema's Problem says: a body of thousands of unknown fields gets the first few, not an
+# answer larger than itself.
+MAX_ERRORS = 20
+MAX_ERROR_MESSAGE = 512
+
+
 @app.exception_handler(RequestValidationError)
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"][:MAX_ERROR_MESSAGE]} for e in exc.errors()[:MAX_ERRORS]]
     return problem(422, "The request is not valid; see errors.", errors=errors)
 
 
@@ -820,7 +855,9 @@ WHITE_SPACE = r"\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u20
 
 def trimmed_name_schema(schema: dict[str, Any]) -> None:
     """Say "1 to 100 characters after trimming" in JSON Schema, whose lengths count the white space too."""
-    del schema["minLength"], schema["maxLength"]
+    del schema["minLength"]
+    # The white space around a name is trimmed, not counted: only the body's size bounds it.
+    schema["maxLength"] = settings.max_body_size
     schema["pattern"] = rf"^[{WHITE_SPACE}]*[^{WHITE_SPACE}]([\s\S]{{0,98}}[^{WHITE_SPACE}])?[{WHITE_SPACE}]*$"
 
 
@@ -833,9 +870,14 @@ Name = Annotated[
         json_schema_extra=trimmed_name_schema,
     ),
 ]
-# RFC 3339 with the offset, always six fractional digits (pydantic drops them when zero).
-Timestamp = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(timespec="microseconds"), return_type=str)]
-UserId = Annotated[int, Path(ge=1, le=2**63 - 1, description="A positive 64-bit integer.")]
+UserId = Annotated[
+    int, Path(ge=1, le=2**63 - 1, description="A positive 64-bit integer.", json_schema_extra={"format": "int64"})
+]
+# The opaque `next_cursor`: an id's 8 bytes in URL-safe base64, unpadded (encode_cursor below).
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]$"
+# Enough for dozens of entity tags. Within it any value is taken: one that names no current
+# version is answered 412, malformed or not (API.md).
+MAX_IF_MATCH = 1024
 
 
 class UserCreate(BaseModel):
@@ -864,45 +906,191 @@ class UserUpdate(BaseModel):
         return value
 
 
+# The models below describe what the service sends. Their bounds are in json_schema_extra, for
+# the schema only: FastAPI checks every response against its model, and these values were
+# checked on the way in, or are the service's own.
+
+# RFC 3339 with the offset, always six fractional digits (pydantic drops them when zero).
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(lambda d: d.isoformat(timespec="microseconds"), return_type=str),
+    Field(
+        json_schema_extra={
+            "format": "date-time",
+            "maxLength": 32,
+            "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)$",
+        }
+    ),
+]
+
+
 class UserOut(BaseModel):
-    id: int
-    email: str
-    name: str
+    id: int = Field(json_schema_extra={"format": "int64", "minimum": 1, "maximum": 2**63 - 1})
+    # 254: what the column holds.
+    email: str = Field(json_schema_extra={"format": "email", "maxLength": 254})
+    # Stored trimmed.
+    name: str = Field(
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": 100,
+            "pattern": rf"^[^{WHITE_SPACE}]([\s\S]*[^{WHITE_SPACE}])?$",
+        }
+    )
     is_active: bool
     created_at: Timestamp
     updated_at: Timestamp
 
 
+MAX_PAGE = 100  # the largest `limit` of GET /api/v1/users
+
+
 class Page(BaseModel):
-    items: list[UserOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+    items: list[UserOut] = Field(json_schema_extra={"maxItems": MAX_PAGE})
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page.",
+        json_schema_extra={"anyOf": [{"type": "string", "maxLength": 11, "pattern": CURSOR_PATTERN}, {"type": "null"}]},
+    )
 
 
-class Problem(BaseModel):
-    type: str = "about:blank"
-    title: str
-    status: int
-    detail: str
-    errors: list[dict[str, Any]] | None = None
+class Checks(BaseModel):
+    database: Literal["ok", "unavailable"]
+
+
+# int32: a pool is bounded by the database's max_connections, itself far below 2**31.
+PoolFigure = Annotated[int, Field(json_schema_extra={"format": "int32", "minimum": 0, "maximum": 2**31 - 1})]
+
+
+class Pool(BaseModel):
+    size: PoolFigure
+    checked_out: PoolFigure
+    overflow: PoolFigure
+    max_overflow: PoolFigure
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    checks: Checks = Field(examples=[{"database": "ok"}])
+    pool: Pool = Field(examples=[{"size": 10, "checked_out": 1, "overflow": 0, "max_overflow": 5}])
+
+
+# TypedDicts, not models: a problem is the dict problem() builds, and NotRequired leaves a
+# member out of the schema's `required` without inventing a default for it.
+class ProblemError(TypedDict):
+    # Where: ["body", "email"], ["query", "limit"], or ["body", 17], a position in malformed JSON.
+    # A name in it may be a field the client sent, so only the body's size bounds it.
+    loc: Annotated[
+        list[str | int],
+        Field(
+            json_schema_extra={
+                "maxItems": 3,
+                "items": {
+                    "anyOf": [
+                        {"type": "string", "maxLength": settings.max_body_size},
+                        {"type": "integer", "format": "int32", "minimum": 0, "maximum": settings.max_body_size},
+                    ]
+                },
+            }
+        ),
+    ]
+    msg: Annotated[str, Field(json_schema_extra={"maxLength": MAX_ERROR_MESSAGE})]
+
+
+class Problem(TypedDict):
+    """An RFC 9457 problem document: the body of every 4xx and 5xx answer."""
+
+    type: Literal["about:blank"]
+    title: Annotated[str, Field(json_schema_extra={"maxLength": 64, "pattern": r"^[A-Z][A-Za-z ]*$"})]
+    status: Annotated[int, Field(json_schema_extra={"format": "int32", "minimum": 400, "maximum": 599})]
+    detail: Annotated[str, Field(json_schema_extra={"maxLength": 1024})]
+    # Only in a 422: what was not valid.
+    errors: NotRequired[Annotated[list[ProblemError], Field(json_schema_extra={"maxItems": MAX_ERRORS})]]
+    # Only in /health's 503: what failed, and the pool's figures.
+    checks: NotRequired[Checks]
+    pool: NotRequired[Pool]
+
+
+def header(description: str, **schema: Any) -> dict[str, Any]:
+    return {"description": description, "schema": schema}
+
+
+# Every header the service sends, once, as components/headers; the responses refer to them.
+HEADERS = {
+    "X-Request-ID": header(
+        "The client's own X-Request-ID when it sent a sane one, otherwise a new one; also in the log.",
+        type="string",
+        maxLength=128,
+        pattern=r"^[A-Za-z0-9._:-]{1,128}$",
+    ),
+    "RateLimit": header(
+        "Requests left in the current window (r), and seconds until one more is allowed (t); "
+        "draft-ietf-httpapi-ratelimit-headers.",
+        type="string",
+        maxLength=48,
+        pattern=r'^"default";r=\d{1,10};t=\d{1,10}$',
+        examples=['"default";r=42;t=17'],
+    ),
+    "RateLimit-Policy": header(
+        "The limit: q requests per w seconds, per client address.",
+        type="string",
+        maxLength=48,
+        pattern=r'^"default";q=\d{1,10};w=\d{1,10}$',
+        examples=['"default";q=100;w=60'],
+    ),
+    # A 429 waits at most one window of the rate limit; a 503 says 1.
+    "Retry-After": header(
+        "Seconds to wait before trying again.",
+        type="integer",
+        format="int32",
+        minimum=1,
+        maximum=settings.rate_limit_window,
+    ),
+    "WWW-Authenticate": header("The scheme the key is expected in.", type="string", const="Bearer"),
+    "ETag": header(
+        "The user's current version, for If-Match.", type="string", maxLength=12, pattern=r'^"[1-9][0-9]{0,9}"$'
+    ),
+    "Location": header(
+        "The new user's URL.",
+        type="string",
+        format="uri-reference",
+        maxLength=33,
+        pattern=r"^/api/v1/users/[1-9][0-9]{0,18}$",
+    ),
+}
+
+
+def headers(*names: str) -> dict[str, Any]:
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
+# The headers of each problem, beyond those the middleware adds to every answer (openapi() below).
+PROBLEM_HEADERS = {401: ("WWW-Authenticate",), 429: ("Retry-After",), 503: ("Retry-After",)}
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The problems an operation may answer: 413 and 500 on any, as the middleware answers them anywhere."""
     # The schema sits under the media type actually served: FastAPI's "model" key would file it
     # under application/json.
-    content = {"application/problem+json": {"schema": Problem.model_json_schema()}}
-    return {status: {"description": PHRASES[status], "content": content} for status in statuses}
+    content = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return {
+        status: {
+            "description": PHRASES[status],
+            "content": content,
+            "headers": headers(*PROBLEM_HEADERS.get(status, ())),
+        }
+        for status in sorted({413, 500, *statuses})
+    }
 
 
 # --- Routes ------------------------------------------------------------------------------
 
 
-class Health(BaseModel):
-    status: str = Field(examples=["ok"])
-    checks: dict[str, str] = Field(examples=[{"database": "ok"}])
-    pool: dict[str, int] = Field(examples=[{"size": 10, "checked_out": 1, "overflow": 0, "max_overflow": 5}])
-
-
-@app.get("/health", responses={200: {"model": Health}, **problem_responses(503)})
+# No key, and the schema says so (security: []): orchestrators probe /health (API.md).
+@app.get(
+    "/health",
+    tags=["health"],
+    openapi_extra={"security": []},
+    responses={200: {"model": Health}, **problem_responses(503)},
+)
 async def health(request: Request) -> JSONResponse:
     """Report whether the database answers within DB_TIMEOUT, and this worker's pool figures."""
     engine = request.state.engine
@@ -947,25 +1135,44 @@ if DOCS:
         )
 
 
-def users_operation(*statuses: int) -> dict[str, Any]:
-    """What every /api/v1 operation declares: its tag, its bearer key, the problems it may answer."""
+def users_operation(*statuses: int, sends: dict[int, tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """What every /api/v1 operation declares: its tag, its bearer key, the problems it may answer.
+
+    `sends`: the headers of its success answer, by status (ETag, Location).
+    """
+    success = {status: {"headers": headers(*names)} for status, names in (sends or {}).items()}
     return {
         "tags": ["users"],
         # The key itself is checked by ApiKeyMiddleware, before the body is read; declared here
         # (not as a Security dependency, which FastAPI would solve on every request) so that
         # the schema names it and Swagger UI's "Authorize" button works.
         "openapi_extra": {"security": [{"bearer": []}]},
-        "responses": problem_responses(401, 422, 429, 503, *statuses),
+        "responses": {**problem_responses(401, 422, 429, 503, *statuses), **success},
     }
 
 
 def openapi() -> dict[str, Any]:
-    """FastAPI's schema, plus the bearer scheme that users_operation() refers to."""
+    """FastAPI's schema, plus what it cannot see: the Problem schema and the headers that
+    problem_responses() and users_operation() refer to, the bearer scheme, and the headers the
+    middleware adds to every answer."""
     if not app.openapi_schema:
         schema = FastAPI.openapi(app)  # builds app.openapi_schema, once
-        schema.setdefault("components", {})["securitySchemes"] = {
+        components = schema.setdefault("components", {})
+        problem_schema = TypeAdapter(Problem).json_schema(ref_template="#/components/schemas/{model}")
+        components["schemas"].update(problem_schema.pop("$defs"), Problem=problem_schema)
+        components["headers"] = HEADERS
+        components["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer", "description": "One of the keys in API_KEYS."}
         }
+        for path, item in schema["paths"].items():
+            for operation in item.values():
+                for status, response in operation["responses"].items():
+                    sent = ["X-Request-ID"]  # AccessLogMiddleware: on every answer
+                    # RateLimitMiddleware: on every /api/ answer that passes through it, which
+                    # AccessLogMiddleware's 500 does not.
+                    if path.startswith("/api/") and status != "500":
+                        sent += ["RateLimit", "RateLimit-Policy"]
+                    response.setdefault("headers", {}).update(headers(*sent))
     return app.openapi_schema or {}
 
 
@@ -1119,10 +1326,10 @@ def replay(kept: Row[Any], fingerprint: str) -> Response:
 @app.get("/api/v1/users", response_model=Page, **users_operation())
 async def list_users(
     conn: ConnectionDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, json_schema_extra={"format": "int32"})] = 20,
     cursor: Annotated[
         str | None,
-        Query(pattern=r"^[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]$", description="`next_cursor` of the previous page."),
+        Query(max_length=11, pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
     ] = None,
 ) -> dict[str, Any]:
     """List users in ascending id order, one keyset page at a time."""
@@ -1133,7 +1340,7 @@ async def list_users(
     return {"items": items, "next_cursor": encode_cursor(items[-1]["id"]) if len(rows) > limit else None}
 
 
-@app.get("/api/v1/users/{user_id}", response_model=UserOut, **users_operation(404))
+@app.get("/api/v1/users/{user_id}", response_model=UserOut, **users_operation(404, sends={200: ("ETag",)}))
 async def get_user(user_id: UserId, conn: ConnectionDep, response: Response) -> dict[str, Any]:
     """Return one user, with its ETag."""
     user = await fetch_user(conn, user_id)
@@ -1148,11 +1355,18 @@ IdempotencyKeyHeader = Annotated[
         alias="Idempotency-Key",
         description="Makes a retry safe: the first answer is kept for IDEMPOTENCY_TTL_HOURS and "
         "replayed to every request with the same key. 1 to 255 of `A-Za-z0-9-_.:`, bare or quoted.",
+        # Documented, not validated by FastAPI: a malformed key is 400 (API.md), not 422.
+        json_schema_extra={"pattern": f"^(?:{IDEMPOTENCY_KEY.pattern})$", "maxLength": 257},
     ),
 ]
 
 
-@app.post("/api/v1/users", status_code=201, response_model=UserOut, **users_operation(400, 409, 413))
+@app.post(
+    "/api/v1/users",
+    status_code=201,
+    response_model=UserOut,
+    **users_operation(400, 409, sends={201: ("ETag", "Location")}),
+)
 async def create_user(
     new: UserCreate,
     conn: ConnectionDep,
@@ -1183,14 +1397,22 @@ async def insert_user(conn: AsyncConnection, new: UserCreate, response: Response
     return user
 
 
-@app.patch("/api/v1/users/{user_id}", response_model=UserOut, **users_operation(400, 404, 409, 412, 413))
+@app.patch(
+    "/api/v1/users/{user_id}", response_model=UserOut, **users_operation(400, 404, 409, 412, sends={200: ("ETag",)})
+)
 async def update_user(
     user_id: UserId,
     changes: UserUpdate,
     conn: ConnectionDep,
     request: Request,
     response: Response,
-    if_match: Annotated[str | None, Header(description="Update only if the user's ETag is one of these.")] = None,
+    if_match: Annotated[
+        str | None,
+        Header(
+            max_length=MAX_IF_MATCH,
+            description="Update only if the user's ETag is one of these.",
+        ),
+    ] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> dict[str, Any] | Response:
     """Change the given fields; with If-Match, only if the user is still at one of those versions."""
@@ -1260,7 +1482,13 @@ async def apply_update(
 async def delete_user(
     user_id: UserId,
     conn: ConnectionDep,
-    if_match: Annotated[str | None, Header(description="Delete only if the user's ETag is one of these.")] = None,
+    if_match: Annotated[
+        str | None,
+        Header(
+            max_length=MAX_IF_MATCH,
+            description="Delete only if the user's ETag is one of these.",
+        ),
+    ] = None,
 ) -> Response:
     """Delete a user; with If-Match, only if the user is still at one of those versions."""
     tags = parse_if_match(if_match)

@@ -950,13 +950,14 @@ async def test_health_is_200_with_pool_figures(client: httpx.AsyncClient) -> Non
     assert all(isinstance(value, int) and value >= 0 for value in body["pool"].values())
 
 
+# 413 and 500 on every operation: the middleware answers them on any path.
 OPERATIONS = {
-    ("/health", "get"): {"200", "503"},
-    (USERS, "get"): {"200", "401", "422", "429", "503"},
-    (USERS, "post"): {"201", "401", "409", "413", "422", "429", "503"},
-    (f"{USERS}/{{user_id}}", "get"): {"200", "401", "404", "422", "429", "503"},
-    (f"{USERS}/{{user_id}}", "patch"): {"200", "401", "404", "409", "412", "413", "422", "429", "503"},
-    (f"{USERS}/{{user_id}}", "delete"): {"204", "401", "404", "412", "422", "429", "503"},
+    ("/health", "get"): {"200", "413", "500", "503"},
+    (USERS, "get"): {"200", "401", "413", "422", "429", "500", "503"},
+    (USERS, "post"): {"201", "400", "401", "409", "413", "422", "429", "500", "503"},
+    (f"{USERS}/{{user_id}}", "get"): {"200", "401", "404", "413", "422", "429", "500", "503"},
+    (f"{USERS}/{{user_id}}", "patch"): {"200", "400", "401", "404", "409", "412", "413", "422", "429", "500", "503"},
+    (f"{USERS}/{{user_id}}", "delete"): {"204", "401", "404", "412", "413", "422", "429", "500", "503"},
 }
 
 
@@ -981,7 +982,9 @@ async def test_openapi_documents_errors_as_problem_json(client: httpx.AsyncClien
                 if int(status) >= 400:
                     assert ["application/problem+json"] == list(response["content"]), (status, response)
                     problem = response["content"]["application/problem+json"]["schema"]
-                    assert {"type", "title", "status", "detail"} <= problem["properties"].keys()
+                    assert {"$ref": "#/components/schemas/Problem"} == problem
+    problem = schema["components"]["schemas"]["Problem"]
+    assert {"type", "title", "status", "detail"} <= problem["properties"].keys()
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
@@ -2394,7 +2397,7 @@ async def test_docs_enabled_turns_docs_on_in_production(tmp_path: Path) -> None:
 
 
 async def test_openapi_declares_the_bearer_scheme_on_every_api_operation(sqlite_service: Server) -> None:
-    """The schema declares HTTP bearer auth, so Swagger UI's Authorize button sends the key."""
+    """The schema declares HTTP bearer auth, so Swagger UI's Authorize button sends the key; /health needs none."""
     async with sqlite_service.client(key=None) as client:
         schema = (await client.get("/openapi.json")).json()
     schemes = schema["components"]["securitySchemes"]
@@ -2408,7 +2411,7 @@ async def test_openapi_declares_the_bearer_scheme_on_every_api_operation(sqlite_
                 assert [{name: []}] == operation.get("security"), f"{method} {path}"
                 assert "401" in operation["responses"], f"{method} {path}"
             else:
-                assert "security" not in operation, f"{method} {path}"
+                assert [] == operation.get("security"), f"{method} {path}"
 
 
 async def test_development_without_keys_is_open_and_warns_loudly_at_start(tmp_path: Path) -> None:
@@ -2914,9 +2917,14 @@ SCHEMATHESIS_EXAMPLES = 500
 SCHEMATHESIS_SEED = 20261127
 # A schema-valid If-Match that names another version is answered 412: that is the contract
 # (API.md, "Concurrency"), so 412 counts as accepting the data, next to the default statuses.
+# A name longer than its schema's maxLength, the body limit, cannot fit in a body: 413 refuses
+# it, next to the default statuses that count as rejecting invalid data.
 SCHEMATHESIS_CONFIG = """
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "412", "429", "5xx"]
+
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
 """
 
 
@@ -2939,3 +2947,191 @@ async def test_schemathesis_finds_no_failure(tmp_path: Path, database: str, caps
     report(capsys, f"schemathesis on {database}, {SCHEMATHESIS_EXAMPLES} examples per operation:\n{output}")
     assert 0 == process.returncode, output
     assert "Traceback" not in log, log
+
+
+# --- The schema's limits, each enforced by the service -------------------------------------
+# Most of the limits /openapi.json claims have their test above (email 254, name, id, limit,
+# cursor, body size); these are the ones the schema added.
+
+
+async def test_422_lists_at_most_the_schemas_maxitems_errors(client: httpx.AsyncClient) -> None:
+    """A body of many unknown fields gets as many errors as the Problem schema's maxItems, not one per field."""
+    problem_error = main.app.openapi()["components"]["schemas"]["Problem"]["properties"]["errors"]
+    body = {f"unknown_{i}": i for i in range(500)} | {"email": "ada@example.com", "name": "Ada"}
+
+    errors = assert_problem(await client.post(USERS, json=body), 422)["errors"]
+
+    assert problem_error["maxItems"] == main.MAX_ERRORS == len(errors)
+    assert all(len(error["loc"]) <= 3 and len(error["msg"]) <= main.MAX_ERROR_MESSAGE for error in errors)
+
+
+@pytest.mark.parametrize(("method", "body"), CONDITIONAL)
+async def test_if_match_over_the_schemas_max_length_is_422_and_at_it_412(
+    client: httpx.AsyncClient, method: str, body: dict[str, Any] | None
+) -> None:
+    """If-Match has at most MAX_IF_MATCH characters, as the schema says; within them, a tag of no version is 412."""
+    user = await create(client)
+    tags = ", ".join(['"999999"'] * 200)
+
+    at_limit = tags[: main.MAX_IF_MATCH]
+    over = tags[: main.MAX_IF_MATCH + 1]
+
+    path = f"{USERS}/{user['id']}"
+    assert_problem(await client.request(method, path, json=body, headers={"If-Match": at_limit}), 412)
+    response = await client.request(method, path, json=body, headers={"If-Match": over})
+    assert ["header", "if-match"] == assert_problem(response, 422)["errors"][0]["loc"]
+
+
+def documented_headers(schema: dict[str, Any], path: str, method: str, status: int) -> dict[str, dict[str, Any]]:
+    """The headers /openapi.json declares for one answer, each resolved to its components/headers entry."""
+    declared = schema["paths"][path][method]["responses"][str(status)].get("headers", {})
+    components = schema["components"]["headers"]
+    return {name: components[ref["$ref"].rsplit("/", 1)[1]] for name, ref in declared.items()}
+
+
+async def test_every_answer_carries_the_headers_its_schema_declares(client: httpx.AsyncClient) -> None:
+    """Each header the schema declares for an answer is there, and matches the header's pattern."""
+    schema = main.app.openapi()
+    item = f"{USERS}/{{user_id}}"
+    created = await client.post(USERS, json={"email": "ada@example.com", "name": "Ada"})
+    user_id = created.json()["id"]
+    answers = [
+        (USERS, "post", created),
+        (USERS, "post", await client.post(USERS, json={"email": "ada@example.com", "name": "Ada"})),
+        (USERS, "get", await client.get(USERS)),
+        (USERS, "get", await client.get(USERS, params={"limit": 0})),
+        (item, "get", await client.get(f"{USERS}/{user_id}")),
+        (item, "get", await client.get(f"{USERS}/{user_id + 1}")),
+        (item, "patch", await client.patch(f"{USERS}/{user_id}", json={"name": "Ada L."})),
+        (item, "patch", await client.patch(f"{USERS}/{user_id}", json={}, headers={"If-Match": '"9"'})),
+        (item, "delete", await client.delete(f"{USERS}/{user_id}")),
+        ("/health", "get", await client.get("/health")),
+        ("/health", "get", await client.request("GET", "/health", content=padded_body(BODY_LIMIT + 1))),
+    ]
+    assert {201, 409, 200, 422, 404, 412, 204, 413} == {response.status_code for _, _, response in answers}
+
+    for path, method, response in answers:
+        declared = documented_headers(schema, path, method, response.status_code)
+        assert "X-Request-ID" in declared
+        for name, header in declared.items():
+            assert name in response.headers, (method, path, response.status_code, name)
+            if "pattern" in header["schema"]:
+                assert re.search(header["schema"]["pattern"], response.headers[name]), (name, response.headers[name])
+        if path.startswith("/api/"):
+            assert {"RateLimit", "RateLimit-Policy"} <= declared.keys()
+    assert f"{USERS}/{user_id}" == created.headers["location"]
+
+
+async def test_schema_declares_retry_after_and_www_authenticate_where_they_are_sent() -> None:
+    """429 and 503 declare Retry-After, 401 WWW-Authenticate; the tests above show them sent."""
+    schema = main.app.openapi()
+    for path, item in schema["paths"].items():
+        for method in item:
+            for status, names in {429: {"Retry-After"}, 503: {"Retry-After"}, 401: {"WWW-Authenticate"}}.items():
+                if str(status) in item[method]["responses"]:
+                    assert names <= documented_headers(schema, path, method, status).keys(), (path, method)
+
+
+# --- A client generated from the schema ----------------------------------------------------
+# What most users of the API do: generate a client from /openapi.json with openapi-python-client,
+# then trust it. The generator must understand all of the schema (no warnings), and the client
+# must read every answer, errors included, as the model the schema declares for its status.
+
+GENERATED_CLIENT = "users_api_client"
+
+
+@pytest.fixture(scope="module")
+def generated_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str]:
+    """Generate a client package from the app's schema; import it; return it with the generator's output."""
+    folder = tmp_path_factory.mktemp("generated")
+    (folder / "openapi.json").write_text(json.dumps(main.app.openapi()))
+    # No post hooks: the generator would otherwise look for ruff on PATH to format its output.
+    (folder / "config.yaml").write_text("post_hooks: []\n")
+    command = [
+        sys.executable, "-m", "openapi_python_client", "generate", "--path", "openapi.json",
+        "--output-path", GENERATED_CLIENT, "--meta", "none", "--config", "config.yaml",
+    ]  # fmt: skip
+    process = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=300)
+    output = process.stdout + process.stderr
+    assert 0 == process.returncode, output
+    sys.path.insert(0, str(folder))
+    try:
+        package = __import__(GENERATED_CLIENT, fromlist=["api", "models"])
+        for module in ("api.users", "api.health", "models"):
+            __import__(f"{GENERATED_CLIENT}.{module}")
+    finally:
+        sys.path.remove(str(folder))
+    return package, output
+
+
+def test_openapi_client_generator_prints_no_warning(generated_client: tuple[Any, str]) -> None:
+    """openapi-python-client understands every part of the schema: it says nothing but what it generated."""
+    _, output = generated_client
+
+    assert f"Generating {GENERATED_CLIENT}" == output.strip(), output
+    assert "warning" not in output.lower()
+
+
+async def test_generated_client_reads_every_answer_as_the_schema_declares(
+    generated_client: tuple[Any, str], client: httpx.AsyncClient
+) -> None:
+    """Create, get, list by cursor, PATCH with a stale and a fresh If-Match, delete, and the 404, 409, 412
+    and 422 on the way: each answer parses into the model its status declares."""
+    package, _ = generated_client
+    users = sys.modules[f"{GENERATED_CLIENT}.api.users"]
+    models = sys.modules[f"{GENERATED_CLIENT}.models"]
+    for name in ("create_user", "get_user", "list_users", "update_user", "delete_user"):
+        __import__(f"{GENERATED_CLIENT}.api.users.{name}")
+    api = package.Client(base_url=str(client.base_url), raise_on_unexpected_status=True)
+    api.set_async_httpx_client(client)  # in-process, with the API key, on this test's database
+
+    def parsed(response: Any, status: int, model: Any) -> Any:
+        assert status == response.status_code, response.content
+        assert isinstance(response.parsed, model), response.parsed
+        if model is models.Problem:
+            assert status == response.parsed.status
+            assert "about:blank" == response.parsed.type_
+        return response.parsed
+
+    created = [
+        parsed(
+            await users.create_user.asyncio_detailed(
+                client=api, body=models.UserCreate(email=f"user{i}@example.com", name=f"User {i}")
+            ),
+            201,
+            models.UserOut,
+        )
+        for i in range(3)
+    ]
+    duplicate = models.UserCreate(email="USER0@example.com", name="Again")
+    parsed(await users.create_user.asyncio_detailed(client=api, body=duplicate), 409, models.Problem)
+
+    got = await users.get_user.asyncio_detailed(created[0].id, client=api)
+    assert created[0].to_dict() == parsed(got, 200, models.UserOut).to_dict()
+    etag = got.headers["etag"]
+    missing = parsed(await users.get_user.asyncio_detailed(created[-1].id + 1, client=api), 404, models.Problem)
+    assert str(created[-1].id + 1) in missing.detail
+
+    first = parsed(await users.list_users.asyncio_detailed(client=api, limit=2), 200, models.Page)
+    assert isinstance(first.next_cursor, str)
+    rest = parsed(
+        await users.list_users.asyncio_detailed(client=api, limit=2, cursor=first.next_cursor), 200, models.Page
+    )
+    assert [user.id for user in created] == [user.id for user in first.items + rest.items]
+    assert None is rest.next_cursor
+    invalid = parsed(await users.list_users.asyncio_detailed(client=api, limit=0), 422, models.Problem)
+    assert ["query", "limit"] == invalid.errors[0].loc
+
+    renamed = models.UserUpdate(name="Renamed")
+    fresh = await users.update_user.asyncio_detailed(created[0].id, client=api, body=renamed, if_match=etag)
+    assert "Renamed" == parsed(fresh, 200, models.UserOut).name
+    stale = await users.update_user.asyncio_detailed(created[0].id, client=api, body=renamed, if_match=etag)
+    parsed(stale, 412, models.Problem)
+
+    deleted = await users.delete_user.asyncio_detailed(created[0].id, client=api, if_match=fresh.headers["etag"])
+    assert 204 == deleted.status_code and deleted.parsed is None
+    parsed(await users.delete_user.asyncio_detailed(created[0].id, client=api), 404, models.Problem)
+
+    health = sys.modules[f"{GENERATED_CLIENT}.api.health"]
+    __import__(f"{GENERATED_CLIENT}.api.health.health")
+    assert "ok" == parsed(await health.health.asyncio_detailed(client=api), 200, models.Health).status

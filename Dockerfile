@@ -23,8 +23,11 @@ COPY main.py models.py settings.py gunicorn.conf.py ./
 USER 10001:10001
 
 EXPOSE 8000
+# /livez, the liveness probe: an orchestrator that acts on this (Swarm replaces an unhealthy
+# container) must not restart every replica when the database is down. compose.yaml checks
+# /readyz instead, where unhealthy only means "send no traffic".
 # No curl in slim images; Python's urllib fails on anything but a 2xx, and on a timeout.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/health', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/livez', timeout=2)"]
 
 CMD ["gunicorn", "--config", "gunicorn.conf.py", "main:app"]

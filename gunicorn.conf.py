@@ -7,6 +7,7 @@ says why. The app's own settings (DATABASE_URL, DB_POOL_SIZE, ...) stay in setti
 import asyncio
 import contextlib
 import os
+import shutil
 import tempfile
 
 from uvicorn_worker import UvicornWorker
@@ -26,9 +27,10 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or len(os.sched_getaffinity(0)))
 # sets stop_grace_period above it (docker's default, 10 s, is below).
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "20"))
 # Seconds a worker drains open requests after SIGTERM before it cancels them: 5 s short of
-# graceful_timeout, so the lifespan's shutdown (closing the pool) runs before the kill.
-# Requests end in ~2 s at worst (DB_POOL_TIMEOUT + DB_TIMEOUT), so the drain is generous.
-drain_timeout = graceful_timeout - 5
+# graceful_timeout, less the SHUTDOWN_DELAY it first goes on serving for (main.drain_on_sigterm),
+# so the lifespan's shutdown (closing the pool) runs before the kill. Requests end in ~2 s at
+# worst (DB_POOL_TIMEOUT + DB_TIMEOUT), so the drain is generous.
+drain_timeout = max(1, graceful_timeout - 5 - settings.shutdown_delay)
 # Seconds of silence after which a worker counts as hung and is restarted. Above
 # graceful_timeout: a worker that drains (after max_requests) does not report, and must
 # not be killed for it.
@@ -79,7 +81,8 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
-    """Check the connection budget against the database and create the schema, once, before fork."""
+    """Make the metrics directory; check the connection budget and create the schema; once, before fork."""
+    prepare_metrics_directory(server)
     # The master starts no event loop of its own; this one is closed again before any fork.
     server.log.info(asyncio.run(prepare_database(server.cfg.workers)))
 
@@ -136,7 +139,45 @@ def when_ready(server) -> None:  # type: ignore[no-untyped-def]
     os.environ["RATE_LIMIT_TABLE"] = path
 
 
+# --- The metrics the workers share (prometheus_client's multiprocess mode; owner: metrics) ---
+
+# The directory this master made, and removes on exit; None when PROMETHEUS_MULTIPROC_DIR was given.
+metrics_directory_made: str | None = None
+
+
+def prepare_metrics_directory(server) -> None:  # type: ignore[no-untyped-def]
+    """Give the workers an empty PROMETHEUS_MULTIPROC_DIR, in which each writes its figures."""
+    global metrics_directory_made
+    # First of all: prometheus_client reads the variable when it is first imported, and the
+    # master imports main (and prometheus_client with it) just after, for the workers to inherit.
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        # A previous run's files would be summed into this run's counters.
+        empty_metrics_directory(given)
+        return
+    metrics_directory_made = tempfile.mkdtemp(prefix="users-metrics-", dir=worker_tmp_dir)
+    os.chown(metrics_directory_made, server.cfg.uid, server.cfg.gid)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory_made
+
+
+def empty_metrics_directory(path: str) -> None:
+    for entry in os.scandir(path):
+        if entry.is_file() and entry.name.endswith(".db"):
+            os.unlink(entry.path)
+
+
+def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]
+    """Drop the gauges of a worker that exited; its counters stay, in every later scrape's sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def on_exit(server) -> None:  # type: ignore[no-untyped-def]
-    """Remove the rate-limit table."""
+    """Remove the rate-limit table, and the metrics directory (or its files, when it was given)."""
     with contextlib.suppress(KeyError, FileNotFoundError):
         os.unlink(os.environ.pop("RATE_LIMIT_TABLE"))
+    if metrics_directory_made:
+        shutil.rmtree(metrics_directory_made, ignore_errors=True)
+    elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        empty_metrics_directory(os.environ["PROMETHEUS_MULTIPROC_DIR"])

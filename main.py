@@ -1,14 +1,16 @@
 """User records over HTTP: FastAPI in front of MySQL, MariaDB or SQLite.
 
 The file reads in the order a request meets it:
+  0. metrics: Prometheus's, summed over gunicorn's workers through prometheus_client's files
   1. database: the engine and its pool (idle pings, a warning when saturated), and the probe
      engine that /health checks the database on
   2. lifespan: engines per worker, schema and demo data in development, Redis for the limit
-  3. the app and its middleware: access log with request ids, rate limit (GCRA, shared by
+  3. the app and its middleware: access log with request ids and the HTTP metrics, rate limit (GCRA, shared by
      the workers, or by every container through Redis), API keys, body size limit
   4. errors: every 4xx and 5xx as application/problem+json
   5. dependencies: `ConnectionDep`, the pooled connection a route's database work runs on
-  6. schemas, then routes: /health and the offline docs, then /api/v1/users in CRUD order
+  6. schemas, then routes: /health, the probes /livez and /readyz, /metrics, the offline docs,
+     then /api/v1/users in CRUD order
 """
 
 import asyncio
@@ -22,6 +24,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import time
 import unicodedata
 from base64 import urlsafe_b64decode, urlsafe_b64encode
@@ -30,17 +33,30 @@ from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from hashlib import blake2b
 from importlib.resources import files
+from types import FrameType
 from typing import Annotated, Any, Literal, NotRequired
 
 import idna
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+from opentelemetry import trace
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -82,6 +98,72 @@ log = logging.getLogger("users")
 access_log = logging.getLogger("users.access")
 
 
+# --- Metrics -------------------------------------------------------------------------------
+# Under gunicorn every worker writes its figures to files in PROMETHEUS_MULTIPROC_DIR, which
+# gunicorn.conf.py makes before this module is first imported, and /metrics sums the files:
+# counters over every worker that ever ran, so a restart loses none; gauges over the workers
+# alive now. Without it (uvicorn in development, the in-process tests) this process's registry.
+# Gauges are labelled, so that gunicorn's master, which imports this module too, writes none.
+
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+# For an API that answers in milliseconds; the top buckets hold the requests that met a time limit.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+HTTP_REQUESTS = Counter(
+    "http_requests", "Requests answered, by method, route template and status.", ["method", "route", "status"]
+)
+HTTP_DURATION = Histogram(
+    "http_request_duration_seconds",
+    "Seconds from a request's arrival to the end of its answer, by method and route template.",
+    ["method", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+# livesum: what the live workers are answering now; a dead worker's count goes with it.
+HTTP_IN_FLIGHT = Gauge("http_requests_in_flight", "Requests being answered now.", multiprocess_mode="livesum")
+# liveall: each worker's own (a pid label), as each has its own pool, and one saturated worker
+# would hide in a sum; a dead worker's series go with it.
+DB_POOL_SIZE = Gauge("db_pool_size", "Connections the pool keeps open.", ["pool"], multiprocess_mode="liveall")
+DB_POOL_CHECKED_OUT = Gauge(
+    "db_pool_checked_out", "Connections lent to requests now.", ["pool"], multiprocess_mode="liveall"
+)
+DB_POOL_OVERFLOW = Gauge(
+    "db_pool_overflow", "Connections open beyond the pool's size now.", ["pool"], multiprocess_mode="liveall"
+)
+DB_POOL_WAITING = Gauge(
+    "db_pool_waiting_requests", "Requests waiting in line for a connection now.", ["pool"], multiprocess_mode="liveall"
+)
+DB_POOL_WAIT = Histogram(
+    "db_pool_wait_seconds",
+    "Seconds a request waited in line for a pooled connection (DB_POOL_TIMEOUT at most).",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+DB_STATEMENT_TIMEOUTS = Counter("db_statement_timeouts", "Requests whose database work overran DB_TIMEOUT.")
+DB_UNAVAILABLE = Counter(
+    "db_unavailable_responses",
+    "503s answered because of the database, by cause: pool_timeout, db_timeout, connection.",
+    ["cause"],
+)
+DB_INVALIDATED = Counter("db_connections_invalidated", "Connections the pool discarded as dead or unusable.", ["pool"])
+UNAUTHORIZED = Counter(
+    "http_unauthorized_responses", "401s for a missing or wrong bearer key, by the key's kind: api, metrics.", ["key"]
+)
+RATE_LIMITED = Counter("http_rate_limited_responses", "429s answered by the rate limit.")
+# livesum: how many live workers count in Redis (the limit shared by every container) and how
+# many on this machine alone (no REDIS_URL, or Redis out).
+RATE_LIMIT_WORKERS = Gauge(
+    "rate_limit_workers",
+    "Workers counting the rate limit in Redis or on this machine alone, by counting: redis, local.",
+    ["counting"],
+    multiprocess_mode="livesum",
+)
+
+
+def rate_limit_counted_in(where: str) -> None:
+    """Say in the metrics whether this worker counts the rate limit in "redis" or "local"ly."""
+    RATE_LIMIT_WORKERS.labels("redis").set(where == "redis")
+    RATE_LIMIT_WORKERS.labels("local").set(where == "local")
+
+
 # --- Database ------------------------------------------------------------------------------
 
 
@@ -113,8 +195,7 @@ def create_engine(*, probe: bool = False) -> AsyncEngine:
             else {"connect_timeout": settings.db_timeout, "charset": "utf8mb4"}
         ),
     )
-    # The probe engine's one connection is in use at every health check: no warning for it.
-    watch_pool(engine, pool_size + max_overflow, warn=not probe)
+    watch_pool(engine, pool_size + max_overflow, "probe" if probe else "main")
     event.listen(engine.sync_engine, "handle_error", closed_transport_is_a_disconnect)
     return engine
 
@@ -141,10 +222,15 @@ IDLE_PING_AFTER = 2.0
 SATURATION_LOG_INTERVAL = 10.0
 
 
-def watch_pool(engine: AsyncEngine, capacity: int, *, warn: bool) -> None:
-    """Ping connections that were idle, and (with warn) warn when the pool is saturated and requests queue."""
+def watch_pool(engine: AsyncEngine, capacity: int, name: str) -> None:
+    """Ping connections that were idle, warn when the pool is saturated, count connections invalidated."""
     pool = engine.sync_engine.pool
     last_warning = 0.0
+    invalidated = DB_INVALIDATED.labels(name)
+
+    @event.listens_for(pool, "invalidate")
+    def on_invalidate(dbapi_connection: Any, record: ConnectionPoolEntry, exception: BaseException | None) -> None:
+        invalidated.inc()
 
     @event.listens_for(pool, "checkin")
     def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -173,7 +259,9 @@ def watch_pool(engine: AsyncEngine, capacity: int, *, warn: bool) -> None:
             except Exception as exc:
                 # The pool discards this connection and checks out another.
                 raise DisconnectionError("idle connection was closed") from exc
-        if warn and pool.checkedout() >= capacity and now - last_warning > SATURATION_LOG_INTERVAL:  # type: ignore[attr-defined]
+        # The probe engine's one connection is in use whenever a probe runs: that is no queue.
+        saturated = name == "main" and pool.checkedout() >= capacity  # type: ignore[attr-defined]
+        if saturated and now - last_warning > SATURATION_LOG_INTERVAL:
             last_warning = now
             log.warning(
                 "database pool saturated: %d of %d connections in use; requests are queueing "
@@ -181,6 +269,27 @@ def watch_pool(engine: AsyncEngine, capacity: int, *, warn: bool) -> None:
                 pool.checkedout(),  # type: ignore[attr-defined]
                 capacity,
             )
+
+
+# Seconds between two writes of the pool's figures to their gauges: a scrape every 15 s or so
+# gains nothing from more, and requests pay nothing for them.
+POOL_SAMPLE_INTERVAL = 1.0
+
+
+async def sample_pools(engines: dict[str, AsyncEngine]) -> None:
+    """Write each pool's figures to its gauges, until cancelled; a scrape in any worker reads them."""
+    DB_POOL_WAITING.labels("main").set(0)  # from the start, not from the first wait
+    gauges = [
+        (engine, DB_POOL_SIZE.labels(name), DB_POOL_CHECKED_OUT.labels(name), DB_POOL_OVERFLOW.labels(name))
+        for name, engine in engines.items()
+    ]
+    while True:
+        for engine, size, checked_out, overflow in gauges:
+            status = pool_status(engine)
+            size.set(status["size"])
+            checked_out.set(status["checked_out"])
+            overflow.set(status["overflow"])
+        await asyncio.sleep(POOL_SAMPLE_INTERVAL)
 
 
 def pool_status(engine: AsyncEngine) -> dict[str, int]:
@@ -309,6 +418,45 @@ def key_expiry() -> datetime:
     return datetime.now(UTC) - timedelta(hours=settings.idempotency_ttl_hours)
 
 
+def drain_on_sigterm(draining: asyncio.Event) -> None:
+    """On SIGTERM, mark this worker draining at once, and pass the signal on to the server SHUTDOWN_DELAY later.
+
+    The server (uvicorn, also as gunicorn's worker) has installed its own SIGTERM handler before
+    it starts the lifespan; on the signal it stops accepting connections within 0.1 s. Held back,
+    the worker goes on serving while /readyz answers 503, so that balancers stop sending to it
+    before it closes. uvicorn's handler is the only one SIGTERM reaches: uvicorn-worker resets
+    gunicorn's Worker.handle_exit, and creates uvicorn's Server where no subclass can replace it.
+    """
+    server_stop = signal.getsignal(signal.SIGTERM)
+    if not callable(server_stop):  # no server's handler to pass it on to: the tests' in-process app
+        return
+    loop = asyncio.get_running_loop()
+
+    def begin_draining(sig: int, frame: FrameType | None) -> None:
+        draining.set()
+        loop.call_later(settings.shutdown_delay, server_stop, sig, frame)
+
+    def on_sigterm(sig: int, frame: FrameType | None) -> None:
+        # A signal handler runs between any two bytecodes, even in the event loop's own code: the
+        # thread-safe call is the one way in that cannot catch the loop half way.
+        loop.call_soon_threadsafe(begin_draining, sig, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def instrument_sql(engines: list[AsyncEngine]) -> None:
+    """Trace each SQL statement as a child of the request's span (TELEMETRY=true)."""
+    # Installed by the deployment that turns TELEMETRY on (README.md, "Tracing"); the image
+    # without it does not need it. The engines given are traced through SQLAlchemy's public
+    # cursor events; the instrumentor also wraps create_engine, as its design is.
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    # skip_dep_check: the instrumentation's declared range (sqlalchemy < 2.1) predates 2.1, whose
+    # events it uses are unchanged; without it, it instruments nothing. The tracing test in
+    # test_main.py pins that statements are traced; drop this once the range includes 2.1.
+    SQLAlchemyInstrumentor().instrument(engines=[engine.sync_engine for engine in engines], skip_dep_check=True)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     configure_logging()
@@ -327,11 +475,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     if redis_limiter:
         await redis_limiter.connect()
     purge = asyncio.create_task(purge_expired_keys(engine))
+    rate_limit_counted_in("redis" if redis_limiter else "local")
+    if settings.telemetry:
+        instrument_sql([engine, probe_engine])
+    draining = asyncio.Event()
+    drain_on_sigterm(draining)
+    sampler = asyncio.create_task(sample_pools({"main": engine, "probe": probe_engine}))
     try:
         # One place per connection the pool may open; see connect() for why requests queue here.
         pool_line = asyncio.Semaphore(settings.db_pool_size + settings.db_max_overflow)
-        yield {"engine": engine, "probe_engine": probe_engine, "pool_line": pool_line, "redis_limiter": redis_limiter}
+        yield {
+            "engine": engine,
+            "probe_engine": probe_engine,
+            "pool_line": pool_line,
+            "redis_limiter": redis_limiter,
+            "draining": draining,
+        }
     finally:
+        sampler.cancel()
         purge.cancel()
         with suppress(asyncio.CancelledError):
             await purge
@@ -364,6 +525,7 @@ app = FastAPI(
     openapi_tags=[
         {"name": "users", "description": "The user records, under /api/v1; every operation needs an API key."},
         {"name": "health", "description": "For load balancers and orchestrators; needs no key."},
+        {"name": "metrics", "description": "For Prometheus; needs a key of METRICS_KEYS in production."},
     ],
     # operationId: the route function's name, which generated clients name their functions after.
     generate_unique_id_function=lambda route: route.name,
@@ -398,22 +560,49 @@ PHRASES = {
 }
 
 SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# The methods counted by name; any other is "_OTHER", so a client cannot invent new series.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+# The route label of a request no route answered: unknown paths, and what the middleware below
+# answers before routing (401, 413, 429).
+UNROUTED = "(none)"
 
 
 class AccessLogMiddleware:
-    """Tag every response with X-Request-ID and log one line per request.
+    """Tag every response with X-Request-ID, log one line per request, and count it in the metrics.
 
-    Also the last line of defence: an unhandled exception is logged here with its traceback
-    and answered as a bare 500 problem, never with the traceback.
+    One clock for both. Also the last line of defence: an unhandled exception is logged here
+    with its traceback and answered as a bare 500 problem, never with the traceback.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.traced = settings.telemetry
+        self.in_flight = HTTP_IN_FLIGHT
+        # Bound label children by (method, route, status): labels() takes a lock and builds a key
+        # on every call. The routes are all added by the time the first call (the lifespan's)
+        # builds the middleware: their histograms exist from the start, at zero.
+        self.children: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
+        for route in app_routes():
+            for method in route.methods or ():
+                HTTP_DURATION.labels(method, route.path)
+
+    def count(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in HTTP_METHODS:
+            method = "_OTHER"
+        children = self.children.get((method, route, status))
+        if children is None:
+            counter = HTTP_REQUESTS.labels(method, route, str(status))
+            histogram = HTTP_DURATION.labels(method, route)
+            children = self.children[method, route, status] = (counter.inc, histogram.observe)
+        inc, observe = children
+        inc()
+        observe(seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
+        self.in_flight.inc()
         request_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
         if not SANE_REQUEST_ID.fullmatch(request_id):
             request_id = secrets.token_hex(16).encode()
@@ -434,17 +623,40 @@ class AccessLogMiddleware:
                 raise
             await problem(500, "The server failed to answer; the error is logged.")(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - start
+            self.in_flight.dec()
+            # The template of the route that answered, which Starlette's router puts in the scope.
+            route = scope.get("route")
+            self.count(scope["method"], route.path if route else UNROUTED, status, seconds)
             path = scope["path"]
             if not path.isprintable():  # a decoded %0A would start a forged line in a plain-text log
                 path = path.encode("unicode_escape").decode("ascii")
-            access_log.info(
-                "%s %s %d %.1fms %s",
+            trace_id = ""
+            if self.traced and (span := trace.get_current_span().get_span_context()).is_valid:
+                trace_id = f" trace_id={span.trace_id:032x}"  # how logs and traces join up
+            # A scrape every few seconds would drown the requests' lines.
+            (access_log.debug if path == "/metrics" else access_log.info)(
+                "%s %s %d %.1fms %s%s",
                 scope["method"],
                 path,
                 status,
-                (time.perf_counter() - start) * 1000,
+                seconds * 1000,
                 request_id.decode(),
+                trace_id,
             )
+
+
+def app_routes() -> list[Route]:
+    return [route for route in app.routes if isinstance(route, Route)]
+
+
+def bearer_key_in(scope: Scope, keys: list[bytes]) -> bool:
+    """Whether the request's Authorization is a bearer key of these."""
+    header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+    scheme, _, key = header.partition(b" ")
+    # Every key is compared, in constant time, so timing tells nothing about any of them.
+    matches = [hmac.compare_digest(key.strip(), k) for k in keys]
+    return scheme.lower() == b"bearer" and any(matches)
 
 
 class ApiKeyMiddleware:
@@ -453,16 +665,16 @@ class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.keys = [key.get_secret_value().encode() for key in settings.api_keys]
-
-    def authorized(self, scope: Scope) -> bool:
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        scheme, _, key = header.partition(b" ")
-        # Every key is compared, in constant time, so timing tells nothing about any of them.
-        matches = [hmac.compare_digest(key.strip(), k) for k in self.keys]
-        return scheme.lower() == b"bearer" and any(matches)
+        self.rejected = UNAUTHORIZED.labels("api")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.keys and scope["type"] == "http" and scope["path"].startswith("/api/") and not self.authorized(scope):
+        if (
+            self.keys
+            and scope["type"] == "http"
+            and scope["path"].startswith("/api/")
+            and not bearer_key_in(scope, self.keys)
+        ):
+            self.rejected.inc()
             response = problem(
                 401, "A valid API key is required: Authorization: Bearer <key>.", {"WWW-Authenticate": "Bearer"}
             )
@@ -603,6 +815,7 @@ class RedisRateLimiter:
             return None
         if self.failures >= REDIS_FAILURES_TO_PAUSE:
             log.warning("Redis is back: the rate limit is shared again")
+            rate_limit_counted_in("redis")
         self.failures = 0
         return allowed == 1, float(ahead)
 
@@ -614,8 +827,13 @@ class RedisRateLimiter:
         self.failures += 1
         if self.failures == REDIS_FAILURES_TO_PAUSE:  # requests that waited together fail together: log once
             log.warning("Redis is out (%r): the rate limit is per container for a while", exc)
+            rate_limit_counted_in("local")
         if self.failures >= REDIS_FAILURES_TO_PAUSE:
             self.paused_until = time.monotonic() + REDIS_PAUSE
+
+
+# For load balancers, orchestrators and Prometheus, which poll them on a schedule.
+NOT_RATE_LIMITED = frozenset({"/health", "/livez", "/readyz", "/metrics"})
 
 
 class RateLimitMiddleware:
@@ -628,8 +846,7 @@ class RateLimitMiddleware:
         self.policy = f'"default";q={settings.rate_limit};w={settings.rate_limit_window}'.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # /health is for load balancers and orchestrators, which poll it on a schedule.
-        if scope["type"] != "http" or scope["path"] == "/health":
+        if scope["type"] != "http" or scope["path"] in NOT_RATE_LIMITED:
             return await self.app(scope, receive, send)
         # The server has already replaced the peer with X-Forwarded-For from trusted proxies only.
         client = scope["client"][0] if scope.get("client") else "unknown"
@@ -649,6 +866,7 @@ class RateLimitMiddleware:
             (b"ratelimit", f'"default";r={remaining};t={wait}'.encode()),
         ]
         if not allowed:
+            RATE_LIMITED.inc()
             response = problem(429, "Too many requests from this address; retry later.", {"Retry-After": str(wait)})
             response.raw_headers.extend(headers)
             return await response(scope, receive, send)
@@ -750,6 +968,14 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
         isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
     ):
         raise exc  # a bug, not an outage: AccessLogMiddleware logs it and answers 500
+    if isinstance(exc, PoolTimeoutError):
+        cause = "pool_timeout"
+    elif isinstance(exc, TimeoutError):
+        cause = "db_timeout"
+        DB_STATEMENT_TIMEOUTS.inc()
+    else:
+        cause = "connection"
+    DB_UNAVAILABLE.labels(cause).inc()
     log.error("database unavailable: %s: %s", type(exc).__name__, exc)
     return problem(503, "The database is not answering; retry shortly.", {"Retry-After": "1"})
 
@@ -773,16 +999,31 @@ async def connect(request: Request) -> AsyncIterator[AsyncConnection]:
     """
     line: asyncio.Semaphore = request.state.pool_line
     if line.locked():  # every connection is in use: wait in line
-        async with asyncio.timeout(settings.db_pool_timeout):
-            await line.acquire()
+        start = time.perf_counter()
+        waiting = DB_POOL_WAITING.labels("main")
+        waiting.inc()
+        try:
+            async with asyncio.timeout(settings.db_pool_timeout):
+                await line.acquire()
+        except TimeoutError:
+            # The error SQLAlchemy's pool raises for the same wait, so the 503 names its cause.
+            raise PoolTimeoutError(
+                f"no connection free within DB_POOL_TIMEOUT ({settings.db_pool_timeout} s)"
+            ) from None
+        finally:
+            waiting.dec()
+            observe_pool_wait(time.perf_counter() - start)
     else:
-        await line.acquire()
+        await line.acquire()  # returns at once
+        observe_pool_wait(0.0)
     try:
         async with asyncio.timeout(settings.db_timeout), request.state.engine.connect() as conn:
             yield conn
     finally:
         line.release()
 
+
+observe_pool_wait = DB_POOL_WAIT.observe
 
 # scope="function": the connection goes back to the pool when the route returns, before the
 # response is sent to a client that may be slow to read it.
@@ -870,8 +1111,19 @@ Name = Annotated[
         json_schema_extra=trimmed_name_schema,
     ),
 ]
+
+
+def decimal_digits(value: object) -> object:
+    """Let only decimal digits through: pydantic alone would also read " 3", "3\t" and "3_000" as 3."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a positive integer written in decimal digits")
+    return value
+
+
 UserId = Annotated[
-    int, Path(ge=1, le=2**63 - 1, description="A positive 64-bit integer.", json_schema_extra={"format": "int64"})
+    int,
+    Path(ge=1, le=2**63 - 1, description="A positive 64-bit integer.", json_schema_extra={"format": "int64"}),
+    BeforeValidator(decimal_digits),
 ]
 # The opaque `next_cursor`: an id's 8 bytes in URL-safe base64, unpadded (encode_cursor below).
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]$"
@@ -1084,6 +1336,18 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # --- Routes ------------------------------------------------------------------------------
 
 
+async def database_answers(request: Request) -> bool:
+    """Whether the database answers within DB_TIMEOUT; when it does not, log why."""
+    try:
+        # The probe engine's own connection: the check never waits behind user traffic.
+        async with asyncio.timeout(settings.db_timeout), request.state.probe_engine.connect() as conn:
+            await read(conn, select(1), {})
+    except (TimeoutError, PoolTimeoutError, DBAPIError) as exc:
+        log.error("%s: database unavailable: %s: %s", request.url.path, type(exc).__name__, exc)
+        return False
+    return True
+
+
 # No key, and the schema says so (security: []): orchestrators probe /health (API.md).
 @app.get(
     "/health",
@@ -1094,12 +1358,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 async def health(request: Request) -> JSONResponse:
     """Report whether the database answers within DB_TIMEOUT, and this worker's pool figures."""
     engine = request.state.engine
-    try:
-        # The probe engine's own connection: the check never waits behind user traffic.
-        async with asyncio.timeout(settings.db_timeout), request.state.probe_engine.connect() as conn:
-            await read(conn, select(1), {})
-    except (TimeoutError, PoolTimeoutError, DBAPIError) as exc:
-        log.error("health check: database unavailable: %s: %s", type(exc).__name__, exc)
+    if not await database_answers(request):
         return problem(
             503,
             "The database is not answering.",
@@ -1108,6 +1367,54 @@ async def health(request: Request) -> JSONResponse:
             pool=pool_status(engine),
         )
     return JSONResponse({"status": "ok", "checks": {"database": "ok"}, "pool": pool_status(engine)})
+
+
+@app.get("/livez", tags=["health"], responses=problem_responses(), openapi_extra={"security": []})
+async def livez() -> dict[str, str]:
+    """Say the process is serving; no I/O, so a database outage never restarts it."""
+    return {"status": "ok"}
+
+
+@app.get("/readyz", tags=["health"], responses=problem_responses(503), openapi_extra={"security": []})
+async def readyz(request: Request) -> JSONResponse:
+    """Report whether this worker should get traffic: it is not shutting down, and the database answers."""
+    if request.state.draining.is_set():
+        return problem(503, "This worker is shutting down.", {"Retry-After": "1"}, checks={"worker": "draining"})
+    if not await database_answers(request):
+        return problem(
+            503,
+            "The database is not answering.",
+            {"Retry-After": "1"},
+            checks={"database": "unavailable", "worker": "serving"},
+        )
+    return JSONResponse({"status": "ok", "checks": {"database": "ok", "worker": "serving"}})
+
+
+METRICS_KEYS = [key.get_secret_value().encode() for key in settings.metrics_keys]
+
+if METRICS_KEYS or settings.environment == "development":
+    # security: [] as the schema cannot say "a metrics key": API.md's rule, checked in the route.
+    @app.get(
+        "/metrics",
+        tags=["metrics"],
+        response_class=PlainTextResponse,
+        responses=problem_responses(401),
+        openapi_extra={"security": []},
+    )
+    async def metrics(request: Request) -> Response:
+        """The service's figures in Prometheus's text format, summed over every worker process."""
+        if METRICS_KEYS and not bearer_key_in(request.scope, METRICS_KEYS):
+            UNAUTHORIZED.labels("metrics").inc()
+            return problem(
+                401, "A valid metrics key is required: Authorization: Bearer <key>.", {"WWW-Authenticate": "Bearer"}
+            )
+        registry = REGISTRY
+        if MULTIPROCESS_DIR:
+            # A registry per scrape, as prometheus_client's multiprocess mode asks: it holds only
+            # the collector that reads every worker's files.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 if DOCS:
@@ -1350,7 +1657,7 @@ async def get_user(user_id: UserId, conn: ConnectionDep, response: Response) -> 
 
 # draft-ietf-httpapi-idempotency-key-header: a structured-field string, or bare as Stripe's clients send it.
 IdempotencyKeyHeader = Annotated[
-    str | None,
+    str | SkipJsonSchema[None],
     Header(
         alias="Idempotency-Key",
         description="Makes a retry safe: the first answer is kept for IDEMPOTENCY_TTL_HOURS and "

@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # Settings lets pass however much they look like one: gunicorn.conf.py reads the first seven, and
 # gunicorn itself FORWARDED_ALLOW_IPS; main.py's workers RATE_LIMIT_TABLE (gunicorn.conf.py sets
 # it); test_main.py TEST_MYSQL_URL and REDIS_TEST_URL, and .ci/run TEST_DATABASE and MYSQL_HOST,
-# _PORT, _USER; bench/run.py BENCH_DATABASE_URL; compose.yaml MYSQL_PASSWORD.
+# _PORT, _USER; bench/run.py BENCH_DATABASE_URL; compose.yaml MYSQL_PASSWORD; prometheus_client and
+# main.py's workers PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py sets it, or empties the one given).
 OTHER_PROGRAMS_VARIABLES = frozenset(
     {
         "WEB_CONCURRENCY", "PORT", "GRACEFUL_TIMEOUT", "WORKER_TIMEOUT", "KEEPALIVE", "MAX_REQUESTS",
@@ -22,6 +23,7 @@ OTHER_PROGRAMS_VARIABLES = frozenset(
         "MYSQL_HOST", "MYSQL_PORT", "MYSQL_USER",
         "BENCH_DATABASE_URL",
         "MYSQL_PASSWORD",
+        "PROMETHEUS_MULTIPROC_DIR",
     }
 )  # fmt: skip
 # Kubernetes gives a pod these for every Service in its namespace (a Service named redis:
@@ -65,6 +67,9 @@ class Settings(BaseSettings):
 
     # Comma-separated bearer keys for /api/v1; several, so a key can be rotated without downtime.
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Comma-separated bearer keys for /metrics, apart from API_KEYS: a scraper's key reads no user
+    # data, and an API key reads no metrics. Empty: /metrics is open in development, 404 in production.
+    metrics_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     # Requests per client address per window, for the whole service (all workers).
     rate_limit: int = Field(default=100, ge=1)
     rate_limit_window: int = Field(default=60, ge=1)
@@ -83,6 +88,9 @@ class Settings(BaseSettings):
     # OpenTelemetry SDK that the deployment sets up. Off, requests skip FastAPI's look for one,
     # which finds nothing when there is no SDK.
     telemetry: bool = False
+    # Seconds a worker keeps serving after SIGTERM with /readyz answering 503, before it drains:
+    # the time a load balancer or Kubernetes' endpoints take to stop sending it new requests.
+    shutdown_delay: int = Field(default=5, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -114,7 +122,7 @@ class Settings(BaseSettings):
             )
         return data
 
-    @field_validator("api_keys", "trusted_proxies", mode="before")
+    @field_validator("api_keys", "metrics_keys", "trusted_proxies", mode="before")
     @classmethod
     def split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -128,6 +136,13 @@ class Settings(BaseSettings):
                 "ENVIRONMENT=production needs API_KEYS (comma-separated bearer keys); "
                 "the service will not serve user data to anyone who can reach the port"
             )
+        return self
+
+    @model_validator(mode="after")
+    def metrics_keys_apart_from_api_keys(self) -> "Settings":
+        shared = {k.get_secret_value() for k in self.api_keys} & {k.get_secret_value() for k in self.metrics_keys}
+        if shared:
+            raise ValueError("a key is in both API_KEYS and METRICS_KEYS; each must open one of them only")
         return self
 
 

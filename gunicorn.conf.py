@@ -10,11 +10,16 @@ import os
 import shutil
 import tempfile
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from settings import settings
 
 # Containers publish one port; 0.0.0.0 so the port mapping or the load balancer reaches it.
+# One listening socket, opened by the master and shared by every worker (reuse_port stays
+# off): a worker that stops closes only its own copy, and the connections waiting in the
+# backlog are accepted by the others. With reuse_port each worker would have a backlog of its
+# own, and its waiting connections would be reset when it exits.
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 
 # Async workers each serve many requests at once, so one per core is enough; more only
@@ -37,12 +42,43 @@ drain_timeout = max(1, graceful_timeout - 5 - settings.shutdown_delay)
 timeout = int(os.environ.get("WORKER_TIMEOUT", str(graceful_timeout + 10)))
 
 
+# Seconds an idle keep-alive connection stays open once its worker stops (recycled, SIGTERMed,
+# scaled down): long enough for a request already on its way to arrive, and be answered.
+IDLE_CLOSE_GRACE = 1.0
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools), with a gentler close of idle connections on stop.
+
+    uvicorn closes an idle keep-alive connection at once when its worker stops, and a request
+    the client sent on it at that moment is lost: the client sees the connection reset. HTTP/1.1
+    lets a server close an idle connection at any time (RFC 9112, 9.6), so clients must be ready
+    for it; this narrows the window. The connection stays open IDLE_CLOSE_GRACE longer, and a
+    request that arrives meanwhile is answered, with Connection: close, so that the client's next
+    one goes to another worker. What remains is a request sent in the instant the grace ends.
+    """
+
+    stopping = False
+
+    def shutdown(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            return super().shutdown()  # busy: its answer gets Connection: close
+        self.stopping = True
+        self.loop.call_later(IDLE_CLOSE_GRACE, self.timeout_keep_alive_handler)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.stopping:
+            self.cycle.keep_alive = False
+
+
 class Worker(UvicornWorker):
     CONFIG_KWARGS = {
         **UvicornWorker.CONFIG_KWARGS,
         # EVENT_LOOP: uvloop unless set to asyncio (main.create_engine() makes aiomysql's
         # errors on a closed connection the same on both).
         "loop": settings.event_loop,
+        "http": HttpProtocol,
         # The one access log line per request is AccessLogMiddleware's; uvicorn's would double it.
         "access_log": False,
         # uvicorn waits for open requests forever unless told; gunicorn would then kill the
@@ -61,10 +97,12 @@ worker_class = Worker
 # never sends a request on a connection the worker is closing at that moment (a 502).
 keepalive = int(os.environ.get("KEEPALIVE", "75"))
 
-# Restart a worker after this many requests, against slow memory growth; the jitter spreads
-# the restarts so the workers never restart together.
-max_requests = int(os.environ.get("MAX_REQUESTS", "10000"))
-max_requests_jitter = int(os.environ.get("MAX_REQUESTS_JITTER", "1000"))
+# Worker recycling, off (0): a count of requests grows with traffic, not with a leak, and at
+# high traffic it would restart every worker every few seconds. Turn it on (say 100000, with
+# a jitter of a tenth, so the workers never restart together) only if a worker's memory
+# (process_resident_memory_bytes in /metrics) keeps growing under steady load.
+max_requests = int(os.environ.get("MAX_REQUESTS", "0"))
+max_requests_jitter = int(os.environ.get("MAX_REQUESTS_JITTER", str(max_requests // 10)))
 
 # X-Forwarded-For/-Proto are believed only from these addresses (TRUSTED_PROXIES); empty,
 # the default, believes no one, so a client cannot choose its own rate-limit key.

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -2303,6 +2304,43 @@ async def test_sigterm_under_load_answers_every_accepted_request_and_closes_the_
     assert 2 == log.count("database pool closed")
     for failure in ("Traceback", "WORKER TIMEOUT", "SIGKILL", "Cancel"):
         assert failure not in log
+
+
+# --- Production: workers recycled under load --------------------------------------------
+
+WRK_COUNTS = """
+function done(summary, latency, requests)
+   local e = summary.errors
+   io.write(string.format('WRK_JSON {"requests":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\\n',
+      summary.requests, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+async def test_workers_recycled_under_load_lose_no_request(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """64 connections for 30 s while each worker recycles every 2,000 requests: no socket error, no non-2xx."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        pytest.skip("wrk is not installed (apt-get install wrk): the recycling test did not run")
+    script = tmp_path / "counts.lua"
+    script.write_text(WRK_COUNTS)
+    async with Server(tmp_path, MAX_REQUESTS="2000", MAX_REQUESTS_JITTER="200") as server:
+        boots = worker_boots(server)
+        process = await asyncio.create_subprocess_exec(
+            wrk, "-t2", "-c64", "-d30s", "--timeout", "5s", "-s", str(script),
+            "-H", f"Authorization: Bearer {KEYS[0]}", f"{server.url}{USERS}?limit=1",
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        output = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
+        recycled = worker_boots(server) - boots
+    counts = json.loads(output.split("WRK_JSON ", 1)[1].splitlines()[0])
+    report(capsys, f"[recycling] {recycled} workers recycled; wrk: {counts}")
+
+    assert recycled >= 5
+    assert counts["requests"] > 10_000
+    assert {"connect": 0, "read": 0, "write": 0, "timeout": 0, "status": 0} == {
+        name: counts[name] for name in ("connect", "read", "write", "timeout", "status")
+    }
 
 
 # --- Production: nothing answered 201 was lost ---------------------------------------------

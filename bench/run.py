@@ -448,7 +448,8 @@ def main() -> None:
             forward = round_ % 2 == 0
             for scenario in plan if forward else plan[::-1]:
                 for server in servers if forward else servers[::-1]:
-                    prefix = re.sub(r"[^A-Za-z0-9]+", "-", f"{run_id}-{server.name}-{round_}")
+                    # The scenario too: create and create_key must not reuse each other's emails.
+                    prefix = re.sub(r"[^A-Za-z0-9]+", "-", f"{run_id}-{server.name}-{scenario['key']}-{round_}")
                     result = measure(server, scenario, args.duration, prefix)
                     runs.append({"round": round_, "scenario": scenario["key"], "target": server.name, **result})
                     print(

@@ -2318,13 +2318,13 @@ end
 
 
 async def test_workers_recycled_under_load_lose_no_request(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """64 connections for 30 s while each worker recycles every 2,000 requests: no socket error, no non-2xx."""
+    """64 connections for 30 s while each worker recycles every 1,000 requests: no socket error, no non-2xx."""
     wrk = shutil.which("wrk")
     if wrk is None:
         pytest.skip("wrk is not installed (apt-get install wrk): the recycling test did not run")
     script = tmp_path / "counts.lua"
     script.write_text(WRK_COUNTS)
-    async with Server(tmp_path, MAX_REQUESTS="2000", MAX_REQUESTS_JITTER="200") as server:
+    async with Server(tmp_path, MAX_REQUESTS="1000", MAX_REQUESTS_JITTER="100") as server:
         boots = worker_boots(server)
         process = await asyncio.create_subprocess_exec(
             wrk, "-t2", "-c64", "-d30s", "--timeout", "5s", "-s", str(script),
@@ -2337,7 +2337,7 @@ async def test_workers_recycled_under_load_lose_no_request(tmp_path: Path, capsy
     report(capsys, f"[recycling] {recycled} workers recycled; wrk: {counts}")
 
     assert recycled >= 5
-    assert counts["requests"] > 10_000
+    assert counts["requests"] > 5_000
     assert {"connect": 0, "read": 0, "write": 0, "timeout": 0, "status": 0} == {
         name: counts[name] for name in ("connect", "read", "write", "timeout", "status")
     }

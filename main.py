@@ -1831,11 +1831,13 @@ async def delete_user(
 if __name__ == "__main__":
     import uvicorn
 
+    # app itself, not "main:app" with reload: the reloader would import this file a second time
+    # in its child, and prometheus_client refuses metrics registered twice.
     # forwarded_allow_ips: X-Forwarded-For only from TRUSTED_PROXIES (uvicorn's default believes 127.0.0.1).
     # access_log=False: the one line per request is AccessLogMiddleware's; uvicorn's would double it.
     uvicorn.run(
-        "main:app",
-        reload=True,
+        app,
+        port=int(os.environ.get("PORT", "8000")),
         loop=settings.event_loop,
         forwarded_allow_ips=list(settings.trusted_proxies),
         access_log=False,

@@ -2459,6 +2459,35 @@ async def test_openapi_declares_the_bearer_scheme_on_every_api_operation(sqlite_
                 assert [] == operation.get("security"), f"{method} {path}"
 
 
+async def test_python_main_py_serves_the_api_on_a_sqlite_file_in_its_folder(tmp_path: Path) -> None:
+    """The README's run command, python main.py with no DATABASE_URL, serves the demo users from ./users.db."""
+    port = free_port()
+    env = {k: v for k, v in service_env(tmp_path, PORT=str(port)).items() if k != "DATABASE_URL"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "main.py"), cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=auth_header()) as client:
+            for _ in range(150):
+                with suppress(httpx.TransportError):
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                await asyncio.sleep(0.2)
+            response = await client.get(f"{USERS}/1")
+    finally:
+        process.terminate()
+        await process.wait()
+
+    assert 200 == response.status_code, response.text
+    assert "ada@example.com" == response.json()["email"]
+    assert (tmp_path / "users.db").exists()
+
+
+def auth_header() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[0]}"}
+
+
 async def test_development_without_keys_is_open_and_warns_loudly_at_start(tmp_path: Path) -> None:
     """With no API_KEYS, development serves /api/v1 to anyone and its log says so at start."""
     async with Server(tmp_path, "uvicorn", API_KEYS="") as server:

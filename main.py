@@ -1337,15 +1337,28 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 async def database_answers(request: Request) -> bool:
-    """Whether the database answers within DB_TIMEOUT; when it does not, log why."""
+    """Whether the database answers within DB_TIMEOUT; when it does not, log why.
+
+    The check runs in a task of its own, and the answer does not wait for it past DB_TIMEOUT:
+    a check cut off by the limit still closes its connection, and that cleanup (which SQLAlchemy
+    shields from cancellation) can outlast the limit on a database that has stopped answering.
+    """
+    check = asyncio.ensure_future(select_one(request.state.probe_engine))
+    # Its outcome, when no one waits for it any more, is logged below already.
+    check.add_done_callback(lambda task: task.cancelled() or task.exception())
     try:
-        # The probe engine's own connection: the check never waits behind user traffic.
-        async with asyncio.timeout(settings.db_timeout), request.state.probe_engine.connect() as conn:
-            await read(conn, select(1), {})
+        await asyncio.wait_for(asyncio.shield(check), settings.db_timeout)
     except (TimeoutError, PoolTimeoutError, DBAPIError) as exc:
+        check.cancel()  # if still running: it finishes its cleanup on its own
         log.error("%s: database unavailable: %s: %s", request.url.path, type(exc).__name__, exc)
         return False
     return True
+
+
+async def select_one(probe_engine: AsyncEngine) -> None:
+    """SELECT 1 on the probe engine's own connection, so that the check never waits behind user traffic."""
+    async with asyncio.timeout(settings.db_timeout), probe_engine.connect() as conn:
+        await read(conn, select(1), {})
 
 
 # No key, and the schema says so (security: []): orchestrators probe /health (API.md).

@@ -989,8 +989,8 @@ async def connect(request: Request) -> AsyncIterator[AsyncConnection]:
     DB_POOL_TIMEOUT bounds the wait for a connection, and DB_TIMEOUT everything after it: the
     checkout (a new connection's handshake, an idle one's ping) and every statement the route
     runs, together. A statement cut off by the limit leaves its connection unusable, and
-    SQLAlchemy invalidates it rather than pool it again. Both limits surface as TimeoutError,
-    which database_unavailable() answers 503.
+    SQLAlchemy invalidates it rather than pool it again. The wait's limit surfaces as
+    PoolTimeoutError and the work's as TimeoutError; database_unavailable() answers both 503.
 
     Requests wait in `pool_line`, first come, first served. The pool's own wait is not fair:
     a connection given back wakes the longest waiter, but a request that reaches the pool

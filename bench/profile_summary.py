@@ -46,24 +46,37 @@ STAGES = [
     ("whole request (uvicorn's run_asgi)", r"^RequestResponseCycle\.run_asgi"),
     ("  middleware stack above the router", r"^ServerErrorMiddleware\.__call__"),
     ("  route: dependencies + handler + serialization", r"^request_response\.<locals>\.app\.<locals>\.app "),
-    ("    solving dependencies (parameters)", r"^solve_dependencies"),
+    ("    solving dependencies (parameters, ConnectionDep)", r"^solve_dependencies"),
+    ("      ConnectionDep: line, time limits, checkout, return (main.connect)", r"^connect \(main\.py"),
+    ("        pool checkout (Engine.connect, in its greenlet)", r"^Engine\.connect \(sqlalchemy"),
     ("    route handler", r"^run_endpoint_function"),
-    ("      pool checkout (in main.in_connection)", r"^Engine\.connect \(sqlalchemy"),
-    ("      statement execution (main.Db.execute)", r"^Db\.execute \(main\.py"),
-    ("      connection return (in main.in_connection)", r"^Connection\.(close|__exit__) \(sqlalchemy"),
-    ("        ROLLBACK on return", r"^Connection\.rollback \((aiomysql|asyncmy)"),
+    ("      statements (Connection.execute, in its greenlet)", r"^Connection\.execute \(sqlalchemy"),
+    ("      driver: aiomysql/asyncmy, the statements' I/O", r"\((aiomysql|asyncmy)/"),
+    ("    ConnectionDep's exit: connection return", r"^_AsyncGeneratorContextManager\.__aexit__"),
+    ("      Connection.close, in its greenlet", r"^Connection\.close \(sqlalchemy"),
     ("    response serialization", r"^serialize_response"),
     ("  access log line", r"^Logger\.(info|_log)"),
 ]
 
-# Where in_database() awaits the greenlet: the frames its samples are charged under.
-GREENLET_PARENTS = [
+# SQLAlchemy runs each synchronous step of an AsyncConnection in a greenlet of its own, whose
+# frames py-spy shows as a stack of their own: each is charged under the frames that await it.
+REQUEST = [
     "Runner.run (asyncio/runners.py)",
     "RequestResponseCycle.run_asgi (uvicorn)",
     "ServerErrorMiddleware.__call__ (starlette)",
     "request_response.<locals>.app.<locals>.app (fastapi)",
-    "run_endpoint_function (fastapi)",
 ]
+GREENLET_PARENTS = {
+    "Engine.connect (sqlalchemy": [*REQUEST, "solve_dependencies (fastapi)", "connect (main.py)"],
+    "Connection.execute (sqlalchemy": [*REQUEST, "run_endpoint_function (fastapi)"],
+    "Connection.rollback (sqlalchemy": [*REQUEST, "run_endpoint_function (fastapi)"],
+    "Connection.begin (sqlalchemy": [*REQUEST, "run_endpoint_function (fastapi)"],
+    "Connection.close (sqlalchemy": [
+        *REQUEST,
+        "_AsyncGeneratorContextManager.__aexit__ (contextlib)",
+        "connect (main.py)",
+    ],
+}
 
 
 def part_of(frames: list[str]) -> str:
@@ -74,7 +87,7 @@ def part_of(frames: list[str]) -> str:
             if re.search(pattern, frame):
                 return label
         return "other: " + re.sub(r":\d+\)$", ")", frame)
-    return "event loop (uvloop, idle callbacks)"
+    return "event loop (its C code, uvloop's, and callbacks)"
 
 
 def main(path: str) -> None:
@@ -87,11 +100,11 @@ def main(path: str) -> None:
         stack, _, count = line.rstrip("\n").rpartition(" ")
         n = int(count)
         frames = stack.split(";")
-        # A route's database work runs in a greenlet (main.in_connection), whose frames py-spy
-        # shows as a stack of their own: it is part of the route handler all the same.
-        in_greenlet = frames[0].startswith("in_connection (main.py")
-        if in_greenlet:
-            frames = GREENLET_PARENTS + frames
+        parents = next((p for root, p in GREENLET_PARENTS.items() if frames[0].startswith(root)), None)
+        if parents:
+            frames = parents + frames
+        elif frames == [""]:
+            frames = []  # the event loop's own C code (uvloop), holding the GIL
         # Only the worker's request handling; gunicorn's own threads are not per-request work.
         elif not any(f.startswith("Runner.run (asyncio") for f in frames):
             continue

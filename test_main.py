@@ -1878,6 +1878,8 @@ async def test_start_on_empty_database_creates_schema_once_with_4_workers(tmp_pa
         server.client() as client,
     ):
         assert 200 == (await client.get(USERS)).status_code
+        # Ready means one worker answers; the others may still be starting, and each must finish.
+        await server.workers(4)
     log = server.log()
     print(log)
     assert 4 == log.count("Application startup complete")

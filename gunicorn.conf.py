@@ -59,8 +59,19 @@ class HttpProtocol(HttpToolsProtocol):
     """
 
     stopping = False
+    # Whether this worker has begun to stop. On asyncio a connection accepted just before the
+    # worker stopped listening is made in a task of its own, after uvicorn has asked every
+    # connection it knew of to shut down: asked by no one, it would keep its client until the
+    # graceful timeout cut the requests on it.
+    worker_stopping = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if HttpProtocol.worker_stopping:
+            self.shutdown()
 
     def shutdown(self) -> None:
+        HttpProtocol.worker_stopping = True
         if self.cycle is not None and not self.cycle.response_complete:
             return super().shutdown()  # busy: its answer gets Connection: close
         self.stopping = True

@@ -2097,6 +2097,17 @@ async def run_load(service: Server, ledger: Ledger, user_ids: list[int], until: 
     return tally
 
 
+async def kill_three_times_then_stop(admin: AsyncEngine, database: str, stop: asyncio.Event) -> int:
+    """Under load, KILL the service's connections three times, 0.7 s apart, then stop the load; return how many."""
+    killed = 0
+    for _ in range(3):
+        await asyncio.sleep(0.7)
+        killed += await kill_service_connections(admin, database)
+    await asyncio.sleep(0.7)
+    stop.set()
+    return killed
+
+
 async def kill_service_connections(admin: AsyncEngine, database: str) -> int:
     """KILL every server connection of the service (this test database's, not this one's)."""
     async with admin.connect() as conn:
@@ -2125,12 +2136,7 @@ async def test_connections_killed_under_load_fail_no_read_and_at_most_one_write_
     user_ids = [await some_user(service, ledger) for _ in range(5)]
     stop = asyncio.Event()
     load = asyncio.create_task(run_load(service, ledger, user_ids, stop))
-    killed = 0
-    for _ in range(3):
-        await asyncio.sleep(0.7)
-        killed += await kill_service_connections(admin, str(db_url.database))
-    await asyncio.sleep(0.7)
-    stop.set()
+    killed = await kill_three_times_then_stop(admin, str(db_url.database), stop)
     tally = await load
     print(f"killed {killed} connections; reads {dict(tally.reads)}; writes {dict(tally.writes)}")
 
@@ -2187,12 +2193,7 @@ async def test_clients_that_retry_with_idempotency_keys_through_killed_connectio
                 answered[user["email"]] = patched.json()
 
     load = asyncio.gather(*(client_loop() for _ in range(6)))
-    killed = 0
-    for _ in range(3):
-        await asyncio.sleep(0.7)
-        killed += await kill_service_connections(admin, str(db_url.database))
-    await asyncio.sleep(0.7)
-    stop.set()
+    killed = await kill_three_times_then_stop(admin, str(db_url.database), stop)
     await load
     print(f"killed {killed} connections; {len(answered)} users created and renamed; retried {dict(retried)}")
 

@@ -58,11 +58,10 @@ class HttpProtocol(HttpToolsProtocol):
     one goes to another worker. What remains is a request sent in the instant the grace ends.
     """
 
-    stopping = False
-    # Whether this worker has begun to stop. On asyncio a connection accepted just before the
-    # worker stopped listening is made in a task of its own, after uvicorn has asked every
-    # connection it knew of to shut down: asked by no one, it would keep its client until the
-    # graceful timeout cut the requests on it.
+    # Whether this worker has begun to stop: one flag for all its connections. On asyncio a
+    # connection accepted just before the worker stopped listening is made in a task of its own,
+    # after uvicorn has asked every connection it knew of to shut down: asked by no one, it would
+    # keep its client until the graceful timeout cut the requests on it.
     worker_stopping = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -74,12 +73,11 @@ class HttpProtocol(HttpToolsProtocol):
         HttpProtocol.worker_stopping = True
         if self.cycle is not None and not self.cycle.response_complete:
             return super().shutdown()  # busy: its answer gets Connection: close
-        self.stopping = True
         self.loop.call_later(IDLE_CLOSE_GRACE, self.timeout_keep_alive_handler)
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        if self.stopping:
+        if HttpProtocol.worker_stopping:
             self.cycle.keep_alive = False
 
 

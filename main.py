@@ -492,10 +492,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             "draining": draining,
         }
     finally:
-        sampler.cancel()
-        purge.cancel()
-        with suppress(asyncio.CancelledError):
-            await purge
+        for task in (sampler, purge):
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
         await engine.dispose()
         await probe_engine.dispose()
         log.info("database pool closed")
@@ -1120,9 +1120,11 @@ def decimal_digits(value: object) -> object:
     return value
 
 
+# The largest id the id column holds: a signed 64-bit integer (BIGINT on MySQL).
+MAX_USER_ID = 2**63 - 1
 UserId = Annotated[
     int,
-    Path(ge=1, le=2**63 - 1, description="A positive 64-bit integer.", json_schema_extra={"format": "int64"}),
+    Path(ge=1, le=MAX_USER_ID, description="A positive 64-bit integer.", json_schema_extra={"format": "int64"}),
     BeforeValidator(decimal_digits),
 ]
 # The opaque `next_cursor`: an id's 8 bytes in URL-safe base64, unpadded (encode_cursor below).
@@ -1177,7 +1179,7 @@ Timestamp = Annotated[
 
 
 class UserOut(BaseModel):
-    id: int = Field(json_schema_extra={"format": "int64", "minimum": 1, "maximum": 2**63 - 1})
+    id: int = Field(json_schema_extra={"format": "int64", "minimum": 1, "maximum": MAX_USER_ID})
     # 254: what the column holds.
     email: str = Field(json_schema_extra={"format": "email", "maxLength": 254})
     # Stored trimmed.

@@ -10,8 +10,8 @@ CREATE TABLE idempotency_keys (
 	etag VARCHAR(32), 
 	body TEXT NOT NULL, 
 	created_at DATETIME(6) NOT NULL, 
-	PRIMARY KEY (id), 
-	UNIQUE (owner, `key`)
+	CONSTRAINT pk_idempotency_keys PRIMARY KEY (id), 
+	CONSTRAINT uq_idempotency_keys_owner_key UNIQUE (owner, `key`)
 )CHARSET=utf8mb4 COLLATE utf8mb4_bin;
 CREATE INDEX ix_idempotency_keys_created_at ON idempotency_keys (created_at);
 CREATE TABLE users (
@@ -23,6 +23,6 @@ CREATE TABLE users (
 	created_at DATETIME(6) NOT NULL, 
 	updated_at DATETIME(6) NOT NULL, 
 	version INTEGER NOT NULL, 
-	PRIMARY KEY (id), 
-	UNIQUE (email_key)
+	CONSTRAINT pk_users PRIMARY KEY (id), 
+	CONSTRAINT uq_users_email_key UNIQUE (email_key)
 )CHARSET=utf8mb4 COLLATE utf8mb4_bin;

@@ -10,27 +10,32 @@ import os
 import shutil
 import tempfile
 
+from dotenv import dotenv_values
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn_worker import UvicornWorker
+from uvicorn_worker import UvicornWorker  # type: ignore[import-untyped]
 
 from settings import settings
+
+# gunicorn's own knobs, from the environment or else from `.env`, the one file a deployment edits
+# (README.md, "Production with compose"); the environment wins, as it does for the app's settings.
+env = {**dotenv_values(".env"), **os.environ}
 
 # Containers publish one port; 0.0.0.0 so the port mapping or the load balancer reaches it.
 # One listening socket, opened by the master and shared by every worker (reuse_port stays
 # off): a worker that stops closes only its own copy, and the connections waiting in the
 # backlog are accepted by the others. With reuse_port each worker would have a backlog of its
 # own, and its waiting connections would be reset when it exits.
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+bind = f"0.0.0.0:{env.get('PORT') or '8000'}"
 
 # Async workers each serve many requests at once, so one per core is enough; more only
 # adds database connections. sched_getaffinity counts the cores this process may use
 # (a container's cpuset), not the host's; a CPU quota (--cpus) is not seen: set WEB_CONCURRENCY.
-workers = int(os.environ.get("WEB_CONCURRENCY") or len(os.sched_getaffinity(0)))
+workers = int(env.get("WEB_CONCURRENCY") or len(os.sched_getaffinity(0)))
 
 # Seconds the arbiter waits after SIGTERM before it kills a worker. Under the default
 # grace of Kubernetes (30 s), so the orchestrator does not kill gunicorn first; compose.yaml
 # sets stop_grace_period above it (docker's default, 10 s, is below).
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "20"))
+graceful_timeout = int(env.get("GRACEFUL_TIMEOUT") or "20")
 # Seconds a worker drains open requests after SIGTERM before it cancels them: 5 s short of
 # graceful_timeout, less the SHUTDOWN_DELAY it first goes on serving for (main.drain_on_sigterm),
 # so the lifespan's shutdown (closing the pool) runs before the kill. Requests end in ~2 s at
@@ -39,7 +44,7 @@ drain_timeout = max(1, graceful_timeout - 5 - settings.shutdown_delay)
 # Seconds of silence after which a worker counts as hung and is restarted. Above
 # graceful_timeout: a worker that drains (after max_requests) does not report, and must
 # not be killed for it.
-timeout = int(os.environ.get("WORKER_TIMEOUT", str(graceful_timeout + 10)))
+timeout = int(env.get("WORKER_TIMEOUT") or graceful_timeout + 10)
 
 
 # Seconds an idle keep-alive connection stays open once its worker stops (recycled, SIGTERMed,
@@ -73,7 +78,11 @@ class HttpProtocol(HttpToolsProtocol):
         HttpProtocol.worker_stopping = True
         if self.cycle is not None and not self.cycle.response_complete:
             return super().shutdown()  # busy: its answer gets Connection: close
-        self.loop.call_later(IDLE_CLOSE_GRACE, self.timeout_keep_alive_handler)
+        # The grace is uvicorn's own keep-alive timer, set shorter: the first bytes of a request
+        # cancel it, as they cancel any keep-alive timeout, so it never cuts a request in progress.
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+        self.timeout_keep_alive_task = self.loop.call_later(IDLE_CLOSE_GRACE, self.timeout_keep_alive_handler)
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -81,7 +90,7 @@ class HttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
 
-class Worker(UvicornWorker):
+class Worker(UvicornWorker):  # type: ignore[misc]
     CONFIG_KWARGS = {
         **UvicornWorker.CONFIG_KWARGS,
         # EVENT_LOOP: uvloop unless set to asyncio (main.create_engine() makes aiomysql's
@@ -104,14 +113,14 @@ worker_class = Worker
 # Seconds an idle client connection stays open. Longer than the idle timeout of the load
 # balancer in front (AWS ALB and nginx: 60 s), so the balancer always closes first and
 # never sends a request on a connection the worker is closing at that moment (a 502).
-keepalive = int(os.environ.get("KEEPALIVE", "75"))
+keepalive = int(env.get("KEEPALIVE") or "75")
 
 # Worker recycling, off (0): a count of requests grows with traffic, not with a leak, and at
 # high traffic it would restart every worker every few seconds. Turn it on (say 100000, with
 # a jitter of a tenth, so the workers never restart together) only if a worker's memory
 # (process_resident_memory_bytes in /metrics) keeps growing under steady load.
-max_requests = int(os.environ.get("MAX_REQUESTS", "0"))
-max_requests_jitter = int(os.environ.get("MAX_REQUESTS_JITTER", str(max_requests // 10)))
+max_requests = int(env.get("MAX_REQUESTS") or "0")
+max_requests_jitter = int(env.get("MAX_REQUESTS_JITTER") or max_requests // 10)
 
 # X-Forwarded-For/-Proto are believed only from these addresses (TRUSTED_PROXIES); empty,
 # the default, believes no one, so a client cannot choose its own rate-limit key.
@@ -121,6 +130,17 @@ forwarded_allow_ips = ",".join(settings.trusted_proxies)
 accesslog = None
 errorlog = "-"
 loglevel = settings.log_level.lower()
+# gunicorn's and uvicorn's own lines in the app's format (logs.py): in production every line on
+# stderr is one JSON object. uvicorn-worker gives uvicorn's logger gunicorn.error's handlers.
+logconfig_dict = {
+    "formatters": {"app": {"()": "logs.log_formatter", "environment": settings.environment}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"}},
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": settings.log_level, "handlers": ["stderr"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+    },
+}
 
 # The heartbeat file is touched constantly; on a container's overlay filesystem that can
 # block a worker, on tmpfs it cannot.
@@ -139,8 +159,10 @@ async def prepare_database(worker_count: int) -> str:
     # Imported here, so that only the master that starts gunicorn pays for it.
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
 
-    import main
+    from models import Base
 
     # The + 1: each worker's probe engine, the one connection /health checks the database on.
     per_worker = settings.db_pool_size + settings.db_max_overflow + 1
@@ -148,23 +170,25 @@ async def prepare_database(worker_count: int) -> str:
         f"{worker_count} workers x (DB_POOL_SIZE {settings.db_pool_size} + "
         f"DB_MAX_OVERFLOW {settings.db_max_overflow} + 1 for /health) = {worker_count * per_worker} connections"
     )
-    engine = main.create_engine()
+    engine = create_async_engine(settings.database_url, poolclass=NullPool)
     try:
         async with asyncio.timeout(30), engine.connect() as conn:
             if conn.dialect.name not in ("mysql", "mariadb"):
-                await main.create_schema(engine)
+                await conn.run_sync(Base.metadata.create_all)
+                await conn.commit()
                 return f"database pool budget: {arithmetic}; no server limit to check on {conn.dialect.name}"
             server_limit = await conn.scalar(text("SELECT @@max_connections"))
             # A per-account limit (MAX_USER_CONNECTIONS), when set, is the tighter one.
             user_limit = await conn.scalar(text("SELECT @@max_user_connections"))
-        limit = min(server_limit, user_limit or server_limit)
-        if worker_count * per_worker > limit:
-            raise RuntimeError(
-                f"the connection pools do not fit in the database: {arithmetic} > {limit} "
-                f"(max_connections {server_limit}, max_user_connections {user_limit}). "
-                "Lower WEB_CONCURRENCY, DB_POOL_SIZE or DB_MAX_OVERFLOW, or raise the server's max_connections."
-            )
-        await main.create_schema(engine)
+            limit = min(server_limit, user_limit or server_limit)
+            if worker_count * per_worker > limit:
+                raise RuntimeError(
+                    f"the connection pools do not fit in the database: {arithmetic} > {limit} "
+                    f"(max_connections {server_limit}, max_user_connections {user_limit}). "
+                    "Lower WEB_CONCURRENCY, DB_POOL_SIZE or DB_MAX_OVERFLOW, or raise the server's max_connections."
+                )
+            await conn.run_sync(Base.metadata.create_all)
+            await conn.commit()
     except (DBAPIError, TimeoutError) as exc:
         raise RuntimeError(f"cannot reach the database to check it: {type(exc).__name__}: {exc}") from None
     finally:
@@ -172,7 +196,7 @@ async def prepare_database(worker_count: int) -> str:
     return f"database pool budget: {arithmetic} <= {limit} (max_connections {server_limit})"
 
 
-# --- The rate-limit table the workers share (RateLimitTable in main.py; owner: rate limiting) ---
+# --- The rate-limit table the workers share (RateLimitTable in ratelimit.py) ---
 
 
 def when_ready(server) -> None:  # type: ignore[no-untyped-def]
@@ -217,7 +241,7 @@ def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]
     """Drop the gauges of a worker that exited; its counters stay, in every later scrape's sums."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def on_exit(server) -> None:  # type: ignore[no-untyped-def]

@@ -2,38 +2,26 @@
 
 import difflib
 import os
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# Environment variables of this deployment that are not the app's settings, and that the check in
-# Settings lets pass however much they look like one: gunicorn.conf.py reads the first seven, and
-# gunicorn itself FORWARDED_ALLOW_IPS; main.py's workers RATE_LIMIT_TABLE (gunicorn.conf.py sets
-# it); test_main.py TEST_MYSQL_URL and REDIS_TEST_URL, and .ci/run TEST_DATABASE and MYSQL_HOST,
-# _PORT, _USER; bench/run.py BENCH_DATABASE_URL; compose.yaml MYSQL_PASSWORD; prometheus_client and
-# main.py's workers PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py sets it, or empties the one given).
-OTHER_PROGRAMS_VARIABLES = frozenset(
+# Keys that `.env` may hold besides the settings, because it is compose's and gunicorn's file
+# too (README.md, "Production with compose"): gunicorn.conf.py reads the first seven, compose.yaml
+# the database's password. The app ignores them there; any other unknown key still stops it.
+DEPLOYMENT_VARIABLES = frozenset(
     {
         "WEB_CONCURRENCY", "PORT", "GRACEFUL_TIMEOUT", "WORKER_TIMEOUT", "KEEPALIVE", "MAX_REQUESTS",
-        "MAX_REQUESTS_JITTER", "FORWARDED_ALLOW_IPS",
-        "RATE_LIMIT_TABLE",
-        "TEST_MYSQL_URL", "REDIS_TEST_URL", "TEST_DATABASE", "TEST_EVENT_LOOP",
-        "MYSQL_HOST", "MYSQL_PORT", "MYSQL_USER",
-        "BENCH_DATABASE_URL",
+        "MAX_REQUESTS_JITTER",
         "MYSQL_PASSWORD",
-        "PROMETHEUS_MULTIPROC_DIR",
     }
 )  # fmt: skip
-# Kubernetes gives a pod these for every Service in its namespace (a Service named redis:
-# REDIS_SERVICE_HOST, REDIS_PORT, REDIS_PORT_6379_TCP_ADDR, ...), whatever the app's settings are.
-KUBERNETES_SERVICE_VARIABLE = re.compile(r"\w+_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)")
 
 
 class Settings(BaseSettings):
-    # extra="forbid": an unknown key in .env (a typo) stops the service at start; the same for
-    # the environment is no_misspelt_variables below.
+    # extra="forbid": an unknown key in .env (a typo) stops the service at start. The environment
+    # is every program's, so a variable there is only ever warned of (misspelt_variables below).
     # hide_input_in_errors: that error names the setting, never its value, which may be a
     # password (DATABASE_URL, REDIS_URL) or a key, and would land in the deployment's logs.
     model_config = SettingsConfigDict(env_file=".env", extra="forbid", frozen=True, hide_input_in_errors=True)
@@ -94,32 +82,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def no_misspelt_variables(cls, data: Any) -> Any:
-        """Refuse an environment variable that looks like one of the settings and is none of them.
-
-        The environment is every program's, so only near misses count: a name that begins as a
-        setting's does (DB_POOL_MAX for DB_POOL_SIZE, TELEMETRY_ON for TELEMETRY), or that is
-        spelt nearly as one is (DB_POOL_SZIE). The error names the variable, never its value.
-        """
-        names = {name.upper() for name in cls.model_fields}
-        # How a setting's name begins: all but its last word (DB_POOL_ of DB_POOL_SIZE), or its one word.
-        beginnings = tuple(name.rpartition("_")[0] + "_" if "_" in name else name for name in names)
-        misspelt = []
-        for variable in os.environ:
-            name = variable.upper()  # pydantic-settings matches the environment regardless of case
-            if name in names or name in OTHER_PROGRAMS_VARIABLES or KUBERNETES_SERVICE_VARIABLE.fullmatch(name):
-                continue
-            # 0.85: a letter or two swapped, lost or added; two names that only share a word score lower.
-            close = difflib.get_close_matches(name, names, n=1, cutoff=0.85)
-            # The "_" added makes a beginning alone (DOCS, of DOCS_ENABLED) a near miss too.
-            if close or f"{name}_".startswith(beginnings):
-                meant = close or difflib.get_close_matches(name, names, n=1, cutoff=0)
-                misspelt.append(f"{variable} (did you mean {meant[0]}?)")
-        if misspelt:
-            raise ValueError(
-                f"environment variables that are not settings: {', '.join(sorted(misspelt))}; "
-                "the settings are listed in .env.example"
-            )
+    def deployment_variables_in_env_file(cls, data: Any) -> Any:
+        """Let `.env` hold the variables compose and gunicorn read there; they are not the app's to check."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k.upper() not in DEPLOYMENT_VARIABLES}
         return data
 
     @field_validator("api_keys", "metrics_keys", "trusted_proxies", mode="before")
@@ -144,6 +110,24 @@ class Settings(BaseSettings):
         if shared:
             raise ValueError("a key is in both API_KEYS and METRICS_KEYS; each must open one of them only")
         return self
+
+
+def misspelt_variables() -> list[tuple[str, str]]:
+    """Environment variables spelt nearly as a setting is (DB_POOL_SZIE), each with the setting it resembles.
+
+    Only warned of, never refused: the environment holds every program's variables, and a name
+    that merely resembles a setting (DB_HOST, REDIS_PASSWORD) is some other program's.
+    """
+    names = [name.upper() for name in Settings.model_fields]
+    found = []
+    for variable in os.environ:
+        name = variable.upper()  # pydantic-settings matches the environment regardless of case
+        if name in names or name in DEPLOYMENT_VARIABLES:
+            continue
+        # 0.85: a letter or two swapped, lost or added; two names that only share a word score lower.
+        if close := difflib.get_close_matches(name, names, n=1, cutoff=0.85):
+            found.append((variable, close[0]))
+    return sorted(found)
 
 
 settings = Settings()

@@ -1,0 +1,237 @@
+"""The database work every resource shares, written once: plain functions that take the table's class.
+
+A table qualifies when it has an integer primary key `id`, `created_at` and `updated_at`, and a
+`version` that every update bumps: the ETag, and the compare-and-swap that makes If-Match exact
+without a transaction or a lock. Each function runs on the caller's connection (in autocommit,
+unless the caller began a transaction) and raises the HTTPException its answer is: 404 for a
+missing row, 409 for a unique constraint the caller named, 412 for an If-Match that does not
+hold, 503 for a row that kept changing under an update.
+"""
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any, NamedTuple
+
+from fastapi import HTTPException
+from sqlalchemy import (
+    Delete,
+    Insert,
+    Select,
+    Table,
+    UniqueConstraint,
+    Update,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from database import read
+from models import Base
+from observability import DB_UNAVAILABLE
+
+Row = dict[str, Any]
+
+# Tries of an update's read and compare-and-swap before it gives up on a row that keeps changing:
+# far more than the writers one row meets at once, each of whom wins a try.
+UPDATE_TRIES = 20
+
+
+class Statements(NamedTuple):
+    one: Select[Any]
+    page: Select[Any]
+    insert: Insert
+    update: Update
+    delete: Delete
+    delete_versions: Delete
+
+
+@cache
+def statements(model: type[Base]) -> Statements:
+    """The statements on model's table, built once with their values as parameters: no request pays to build one."""
+    table = table_of(model)
+    by_id = table.c.id == bindparam("row_id")
+    return Statements(
+        one=select(table).where(by_id),
+        page=select(table).where(table.c.id > bindparam("after")).order_by(table.c.id).limit(bindparam("limit")),
+        insert=insert(table),
+        # No values(): the columns set are the keys of the parameters each execution passes.
+        update=update(table).where(by_id, table.c.version == bindparam("row_version")),
+        delete=delete(table).where(by_id),
+        delete_versions=delete(table).where(by_id, table.c.version.in_(bindparam("versions", expanding=True))),
+    )
+
+
+def table_of(model: type[Base]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+def etag(row: Row) -> str:
+    """The row's strong entity tag: its version, quoted."""
+    return f'"{row["version"]}"'
+
+
+def entity_tags(header: str | None) -> set[str] | None:
+    """The strong entity tags in an If-Match or If-None-Match header ("*" included); None when absent or empty.
+
+    An empty header is an empty list, which RFC 9110 lets a recipient treat as absent.
+    """
+    if not header or not header.strip():
+        return None
+    return {tag.strip() for tag in header.split(",") if not tag.strip().startswith("W/")}
+
+
+def matches(row: Row, tags: set[str] | None) -> bool:
+    """Whether the row's ETag is one of tags; absent tags and "*" match any row."""
+    return tags is None or "*" in tags or etag(row) in tags
+
+
+async def get_row(conn: AsyncConnection, model: type[Base], row_id: int, *, retry: bool = True) -> Row:
+    """Read one row as a dict; 404 when there is none."""
+    result = await read(conn, statements(model).one, {"row_id": row_id}, retry=retry)
+    row = result.mappings().first()
+    if row is None:
+        raise HTTPException(404, f"{model.__name__} {row_id} does not exist")
+    return dict(row)
+
+
+async def get_page(conn: AsyncConnection, model: type[Base], after: int, limit: int) -> tuple[list[Row], int | None]:
+    """Read up to limit rows with ids above `after`, in id order; and the id to go on after, if more remain.
+
+    Keyset pagination: the index on id finds the first row of any page at once, however deep.
+    """
+    # One more row than asked for says whether there is a next page.
+    result = await read(conn, statements(model).page, {"after": after, "limit": limit + 1})
+    rows = [dict(row) for row in result.mappings()]
+    return rows[:limit], rows[limit - 1]["id"] if len(rows) > limit else None
+
+
+async def insert_row(
+    conn: AsyncConnection, model: type[Base], values: Mapping[str, Any], conflicts: Mapping[str, str]
+) -> Row:
+    """Insert a row at version 1; 409 with conflicts[name] when it breaks the unique constraint of that name.
+
+    Not retried: had it landed before its connection died, a second try would insert it twice.
+    A client that sends an Idempotency-Key can retry it safely.
+    """
+    now = datetime.now(UTC)
+    row = {**values, "created_at": now, "updated_at": now, "version": 1}
+    try:
+        row["id"] = (await conn.execute(statements(model).insert, row)).lastrowid
+    except IntegrityError as exc:
+        raise conflict(model, exc, conflicts) from None
+    return row
+
+
+async def update_row(
+    conn: AsyncConnection,
+    model: type[Base],
+    row_id: int,
+    wanted: Mapping[str, Any],
+    tags: set[str] | None,
+    conflicts: Mapping[str, str],
+    *,
+    in_transaction: bool = False,
+) -> Row:
+    """Set the wanted values, if the row's ETag is one of tags; of two writers on one version, exactly one wins.
+
+    A read, then an UPDATE that is a compare-and-swap on the version read: a write that lands
+    in between makes it miss, never overwritten, and no transaction or lock is needed. Without
+    If-Match (or with `*`) the loser reads again and retries, so the last write wins; with a
+    tag, it gets 412. Values that are already in place are not an update: the row comes back
+    with the same version and updated_at. in_transaction: the caller's transaction dies with a
+    dead connection, so nothing may be tried again on a fresh one.
+    """
+    for _ in range(UPDATE_TRIES):
+        row = await get_row(conn, model, row_id, retry=not in_transaction)
+        if not matches(row, tags):
+            raise HTTPException(412, f"{model.__name__} {row_id} has changed: its ETag is now {etag(row)}")
+        changed = {field: value for field, value in wanted.items() if row[field] != value}
+        if not changed:
+            return row
+        values = {**changed, "updated_at": datetime.now(UTC), "version": row["version"] + 1}
+        try:
+            result = await conn.execute(
+                statements(model).update, {**values, "row_id": row_id, "row_version": row["version"]}
+            )
+        except IntegrityError as exc:
+            raise conflict(model, exc, conflicts) from None
+        except DBAPIError as exc:
+            # Safe to repeat only when any version will do: had the first try landed, the next
+            # finds the values in place. With a tag, it would wrongly answer 412.
+            if in_transaction or not (exc.connection_invalidated and (tags is None or "*" in tags)):
+                raise
+            await conn.rollback()  # lets go of the dead connection
+            continue
+        if result.rowcount == 1:
+            return {**row, **values}
+        if tags is not None and "*" not in tags:
+            raise HTTPException(412, f"{model.__name__} {row_id} changed while this request was applied")
+    DB_UNAVAILABLE.labels("contention").inc()
+    raise HTTPException(
+        503,
+        f"{model.__name__} {row_id} kept changing while this update was applied; retry shortly",
+        {"Retry-After": "1"},
+    )
+
+
+async def delete_row(conn: AsyncConnection, model: type[Base], row_id: int, tags: set[str] | None) -> None:
+    """Delete the row, if its ETag is one of tags: one DELETE, conditional on the version; 404 or 412 when none went."""
+    statement, params = statements(model).delete, {"row_id": row_id, "versions": list[int]()}
+    if tags is not None and "*" not in tags:
+        # Strong comparison is byte for byte: '"01"' is no ETag this service gives, so it matches none.
+        versions = [int(tag[1:-1]) for tag in tags if re.fullmatch(r'"[1-9][0-9]{0,17}"', tag)]
+        statement, params["versions"] = statements(model).delete_versions, versions
+    first_try_may_have_landed = False
+    try:
+        deleted = (await conn.execute(statement, params)).rowcount == 1
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        await conn.rollback()  # lets go of the dead connection
+        first_try_may_have_landed = True
+        deleted = (await conn.execute(statement, params)).rowcount == 1
+    if deleted:
+        return
+    # The read after it only explains the miss; nothing is written after the DELETE.
+    if (await read(conn, statements(model).one, {"row_id": row_id})).first() is not None:
+        raise HTTPException(412, f"{model.__name__} {row_id} has changed; fetch it again for its current ETag")
+    # Gone: this request's own first try may have deleted it, and then it succeeded.
+    if not first_try_may_have_landed:
+        raise HTTPException(404, f"{model.__name__} {row_id} does not exist")
+
+
+# MySQL and MariaDB name the index, last in the message ("Duplicate entry 'x' for key
+# 'users.uq_users_email_key'"; MySQL 8 puts the table before it); the value before it is the
+# client's, so only the end is read. SQLite names the columns ("UNIQUE constraint failed: users.email_key").
+MYSQL_DUPLICATE = re.compile(r"for key '(?:[^'.]*\.)?([^'.]+)'$")
+SQLITE_UNIQUE = re.compile(r"^UNIQUE constraint failed: (.+)$")
+
+
+def conflict(model: type[Base], exc: IntegrityError, conflicts: Mapping[str, str]) -> HTTPException:
+    """The 409 for the unique constraint exc broke, if the caller named it; else exc itself, re-raised: a bug."""
+    name = broken_unique_constraint(table_of(model), exc)
+    if name is None or name not in conflicts:
+        raise exc
+    return HTTPException(409, conflicts[name])
+
+
+def broken_unique_constraint(table: Table, exc: IntegrityError) -> str | None:
+    """The name of the unique constraint of table that exc reports broken, if it is one."""
+    args = getattr(exc.orig, "args", ())
+    message = str(args[-1]) if args else ""
+    if found := MYSQL_DUPLICATE.search(message):
+        return found[1]
+    if found := SQLITE_UNIQUE.search(message):
+        columns = {column.rpartition(".")[2] for column in found[1].split(", ")}
+        for constraint in table.constraints:
+            if isinstance(constraint, UniqueConstraint) and {c.name for c in constraint.columns} == columns:
+                return str(constraint.name)
+    return None

@@ -1,0 +1,131 @@
+"""The OpenAPI document, finished: what FastAPI cannot see from the routes, added in one place.
+
+The Problem schema under the media type it is served as, every header the service sends
+(declared once, under components/headers), the bearer scheme, and the headers the middleware
+adds to every answer. The routes declare their statuses with `problem_responses()` and
+`api_operation()`; `finish()` does the rest when the document is first asked for.
+"""
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import TypeAdapter
+
+from problems import PHRASES, Problem
+from settings import settings
+
+
+def header(description: str, **schema: Any) -> dict[str, Any]:
+    return {"description": description, "schema": schema}
+
+
+# Every header the service sends, once, as components/headers; the responses refer to them.
+HEADERS = {
+    "X-Request-ID": header(
+        "The client's own X-Request-ID when it sent a sane one, otherwise a new one; also in the log.",
+        type="string",
+        maxLength=128,
+        pattern=r"^[A-Za-z0-9._:-]{1,128}$",
+    ),
+    "RateLimit": header(
+        "Requests left in the current window (r), and seconds until one more is allowed (t); "
+        "draft-ietf-httpapi-ratelimit-headers.",
+        type="string",
+        maxLength=48,
+        pattern=r'^"default";r=\d{1,10};t=\d{1,10}$',
+        examples=['"default";r=42;t=17'],
+    ),
+    "RateLimit-Policy": header(
+        "The limit: q requests per w seconds, per client address.",
+        type="string",
+        maxLength=48,
+        pattern=r'^"default";q=\d{1,10};w=\d{1,10}$',
+        examples=['"default";q=100;w=60'],
+    ),
+    # A 429 waits at most one window of the rate limit; a 503 says 1.
+    "Retry-After": header(
+        "Seconds to wait before trying again.",
+        type="integer",
+        format="int32",
+        minimum=1,
+        maximum=settings.rate_limit_window,
+    ),
+    "WWW-Authenticate": header("The scheme the key is expected in.", type="string", const="Bearer"),
+    "ETag": header(
+        "The user's current version, for If-Match.", type="string", maxLength=12, pattern=r'^"[1-9][0-9]{0,9}"$'
+    ),
+    "Location": header(
+        "The new user's URL.",
+        type="string",
+        format="uri-reference",
+        maxLength=33,
+        pattern=r"^/api/v1/users/[1-9][0-9]{0,18}$",
+    ),
+}
+
+
+def headers(*names: str) -> dict[str, Any]:
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
+# The headers of each problem, beyond those the middleware adds to every answer (finish() below).
+PROBLEM_HEADERS = {401: ("WWW-Authenticate",), 429: ("Retry-After",), 503: ("Retry-After",)}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The problems an operation may answer: 413 and 500 on any, as the middleware answers them anywhere."""
+    # The schema sits under the media type actually served: FastAPI's "model" key would file it
+    # under application/json.
+    content = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return {
+        status: {
+            "description": PHRASES[status],
+            "content": content,
+            "headers": headers(*PROBLEM_HEADERS.get(status, ())),
+        }
+        for status in sorted({413, 500, *statuses})
+    }
+
+
+def api_operation(tag: str, *statuses: int, sends: dict[int, Iterable[str]] | None = None) -> dict[str, Any]:
+    """What every /api/v1 operation declares: its tag, its bearer key, the problems it may answer.
+
+    `sends`: the headers of its success answers, by status (ETag, Location).
+    """
+    success = {status: {"headers": headers(*names)} for status, names in (sends or {}).items()}
+    return {
+        "tags": [tag],
+        # The key itself is checked by the key-check middleware, before the body is read;
+        # declared here (not as a Security dependency, which FastAPI would solve on every
+        # request) so that the schema names it and Swagger UI's "Authorize" button works.
+        "openapi_extra": {"security": [{"bearer": []}]},
+        "responses": {**problem_responses(401, 422, 429, 503, *statuses), **success},
+    }
+
+
+def finish(app: FastAPI) -> None:
+    """Make app's document FastAPI's, plus the Problem schema, the headers, the bearer scheme, once."""
+
+    def openapi() -> dict[str, Any]:
+        if not app.openapi_schema:
+            schema = FastAPI.openapi(app)  # builds app.openapi_schema, once
+            components = schema.setdefault("components", {})
+            problem_schema = TypeAdapter(Problem).json_schema(ref_template="#/components/schemas/{model}")
+            components["schemas"].update(problem_schema.pop("$defs"), Problem=problem_schema)
+            components["headers"] = HEADERS
+            components["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "One of the keys in API_KEYS."}
+            }
+            for path, item in schema["paths"].items():
+                for operation in item.values():
+                    for status, response in operation["responses"].items():
+                        sent = ["X-Request-ID"]  # the access log middleware: on every answer
+                        # The rate limit: on every /api/ answer that passes through it, which the
+                        # access log's own 500 does not.
+                        if path.startswith("/api/") and status != "500":
+                            sent += ["RateLimit", "RateLimit-Policy"]
+                        response.setdefault("headers", {}).update(headers(*sent))
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -19,7 +19,8 @@ RUN pip install --no-cache-dir -r requirements.txt
 # It has a home for gunicorn's control socket (~/.gunicorn). USER by number, so that an
 # orchestrator can verify it is not root (runAsNonRoot) without reading /etc/passwd.
 RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --create-home app
-COPY main.py models.py settings.py gunicorn.conf.py ./
+# Only the service's modules reach the build context (.dockerignore), never a test or a .env.
+COPY *.py ./
 USER 10001:10001
 
 EXPOSE 8000

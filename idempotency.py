@@ -14,9 +14,10 @@ import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from hashlib import blake2b
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Request, Response
+from fastapi import Header, HTTPException, Request, Response
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import Row, bindparam, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -32,6 +33,17 @@ log = logging.getLogger("users.idempotency")
 
 # A structured-field string ("...") as the draft writes it, or bare as Stripe's clients send it.
 KEY = re.compile(r'"([A-Za-z0-9._:-]{1,255})"|([A-Za-z0-9._:-]{1,255})')
+# draft-ietf-httpapi-idempotency-key-header, as the routes declare it.
+IdempotencyKeyHeader = Annotated[
+    str | SkipJsonSchema[None],
+    Header(
+        alias="Idempotency-Key",
+        description="Makes a retry safe: the first answer is kept for IDEMPOTENCY_TTL_HOURS and "
+        "replayed to every request with the same key. 1 to 255 of `A-Za-z0-9-_.:`, bare or quoted.",
+        # Documented, not validated by FastAPI: a malformed key is 400 (API.md), not 422.
+        json_schema_extra={"pattern": f"^(?:{KEY.pattern})$", "maxLength": 257},
+    ),
+]
 # The errors kept with a key (API.md); a 422 or a 5xx is not, so the fixed or retried request runs.
 KEPT_ERRORS = {404, 409, 412}
 # The headers of an answer that are kept with it and replayed.

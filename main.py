@@ -9,12 +9,13 @@ This file is the story of a request, in the order the request meets it:
   6. the entry point, `python main.py`
 
 The machinery it calls sits beside it, a flat module per job, each importing only those below it:
-  settings.py       the typed, frozen settings       models.py       the tables
+  settings.py       the typed, frozen settings      models.py      the tables
+  database.py       engines, pool care, and whether an error is an outage (503) or a bug (500)
   crud.py           fetch, page, insert, compare-and-swap update, conditional delete, for any table
-  idempotency.py    the Idempotency-Key store        ratelimit.py    GCRA in shared memory and Redis
-  database.py       engines, pool care, outage or bug   probes.py    /health, /livez, /readyz, SIGTERM
-  observability.py  metrics and /metrics, the log    openapi.py      the document's finishing touches
-  problems.py       RFC 9457 answers                 emails.py       an address's syntax and identity
+  idempotency.py    the Idempotency-Key store       ratelimit.py   GCRA in shared memory and in Redis
+  probes.py         /health, /livez, /readyz, SIGTERM   emails.py  an address's syntax and identity
+  observability.py  metrics, /metrics, SQL traces   logs.py        the log, JSON in production
+  openapi.py        what the document adds to FastAPI's   problems.py   RFC 9457 error answers
 """
 
 import asyncio
@@ -49,9 +50,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import crud
 import emails
 from database import create_engine, unavailable
-from idempotency import answer_once, owner, purge_expired_keys
+from idempotency import IdempotencyKeyHeader, answer_once, owner, purge_expired_keys
 from logs import configure_logging
-from models import Base, User
+from models import MAX_ID, Base, User
 from observability import (
     DB_POOL_WAIT,
     DB_POOL_WAITING,
@@ -65,7 +66,7 @@ from observability import (
     metrics_router,
     sample_pools,
 )
-from openapi import api_operation, finish, problem_responses
+from openapi import DOCUMENT, TRIMMED, api_operation, bounds, finish, problem_responses, trimmed
 from probes import drain_on_sigterm
 from probes import router as probes
 from problems import MAX_ERROR_MESSAGE, MAX_ERRORS, PHRASES, problem
@@ -197,6 +198,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             # One place per connection the pool may open; see connect() for why requests queue here.
             "pool_line": asyncio.Semaphore(settings.db_pool_size + settings.db_max_overflow),
             "rate_limiter": limiter,
+            "http_metrics": HttpMetrics(app.routes),
             "draining": drain_on_sigterm(settings.shutdown_delay),
         }
     finally:
@@ -218,31 +220,11 @@ app = FastAPIOffline(
     docs_url="/docs" if DOCS else None,
     redoc_url="/redoc" if DOCS else None,
     static_url="/static",
-    title="Users API",
-    version="1.0.0",
-    description="User records: create, read, list, update and delete, with bearer API keys, ETags and a rate limit.",
-    # Relative: the schema describes whichever deployment serves it, at that origin.
-    servers=[
-        {
-            "url": "/",
-            "description": "The deployment that serves this schema: production or local development.",
-            "x-internal": False,
-        }
-    ],
-    # No license has been chosen for this code yet; until one is, nobody else may use it.
-    license_info={"name": "Proprietary: all rights reserved", "identifier": "LicenseRef-Proprietary"},
-    contact={"name": "The Users API maintainers"},
-    openapi_tags=[
-        {"name": "users", "description": "The user records, under /api/v1; every operation needs an API key."},
-        {"name": "health", "description": "For load balancers and orchestrators; needs no key."},
-        {"name": "metrics", "description": "For Prometheus; needs a key of METRICS_KEYS in production."},
-    ],
-    # operationId: the route function's name, which generated clients name their functions after.
-    generate_unique_id_function=lambda route: route.name,
     lifespan=lifespan,
     # No max_body_size here: FastAPI's limit answers a too-large Content-Length in plain text,
     # past every handler; BodyLimitMiddleware below answers it as a problem.
     telemetry=None if settings.telemetry else {"tracing": False, "metrics": False, "logs": False},
+    **DOCUMENT,  # title, description, tags: openapi.py
 )
 
 
@@ -269,9 +251,6 @@ class AccessLogMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.traced = settings.telemetry
-        # Built with the first request (the lifespan's), when every route is added.
-        routes = [route for route in globals()["app"].routes if isinstance(route, Route)]
-        self.metrics = HttpMetrics([(method, route.path) for route in routes for method in route.methods or ()])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -302,7 +281,7 @@ class AccessLogMiddleware:
             HTTP_IN_FLIGHT.dec()
             # The template of the route that answered, which Starlette's router puts in the scope.
             route = scope.get("route")
-            self.metrics.count(scope["method"], route.path if route else UNROUTED, status, seconds)
+            scope["state"]["http_metrics"].count(scope["method"], route.path if route else UNROUTED, status, seconds)
             self.log(scope, status, seconds, request_id.decode())
 
     def log(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
@@ -480,27 +459,10 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
 
 # --- Schemas --------------------------------------------------------------------------------
 
-# What strip_whitespace trims (Unicode White_Space), spelled out: ECMA, Python and Rust regex
-# engines each read \s differently.
-WHITE_SPACE = r"\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
-def trimmed_name_schema(schema: dict[str, Any]) -> None:
-    """Say "1 to 100 characters after trimming" in JSON Schema, whose lengths count the white space too."""
-    del schema["minLength"]
-    # The white space around a name is trimmed, not counted: only the body's size bounds it.
-    schema["maxLength"] = settings.max_body_size
-    schema["pattern"] = rf"^[{WHITE_SPACE}]*[^{WHITE_SPACE}]([\s\S]{{0,98}}[^{WHITE_SPACE}])?[{WHITE_SPACE}]*$"
-
-
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
-    Field(
-        examples=["Ada Lovelace"],
-        description="1 to 100 characters after trimming surrounding white space.",
-        json_schema_extra=trimmed_name_schema,
-    ),
+    Field(examples=["Ada Lovelace"], json_schema_extra=trimmed(100)),
 ]
 
 
@@ -511,11 +473,9 @@ def decimal_digits(value: object) -> object:
     return value
 
 
-# The largest id the id column holds: a signed 64-bit integer (BIGINT on MySQL).
-MAX_USER_ID = 2**63 - 1
 UserId = Annotated[
     int,
-    Path(ge=1, le=MAX_USER_ID, description="A positive 64-bit integer.", json_schema_extra={"format": "int64"}),
+    Path(ge=1, le=MAX_ID, description="A positive 64-bit integer.", json_schema_extra={"format": "int64"}),
     BeforeValidator(decimal_digits),
 ]
 # The opaque `next_cursor`: an id's 8 bytes in URL-safe base64, unpadded (encode_cursor below).
@@ -552,58 +512,32 @@ class UserUpdate(BaseModel):
         return value
 
 
-# The models below describe what the service sends. Their bounds are in json_schema_extra, for
-# the schema only: these values were checked on the way in, or are the service's own.
+# What the service sends. bounds(): for the document only (openapi.py says why), as these
+# values were checked on the way in, or are the service's own.
 
 # RFC 3339 with the offset, always six fractional digits (pydantic drops them when zero).
 Timestamp = Annotated[
     datetime,
     PlainSerializer(lambda d: d.isoformat(timespec="microseconds"), return_type=str),
-    Field(
-        json_schema_extra={
-            "format": "date-time",
-            "maxLength": 32,
-            "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)$",
-        }
-    ),
+    bounds(format="date-time", maxLength=32, pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)$"),
 ]
 
 
 class UserOut(BaseModel):
-    id: int = Field(json_schema_extra={"format": "int64", "minimum": 1, "maximum": MAX_USER_ID})
+    id: int = bounds(format="int64", minimum=1, maximum=MAX_ID)
     email: emails.StoredEmail
-    # Stored trimmed.
-    name: str = Field(
-        json_schema_extra={
-            "minLength": 1,
-            "maxLength": 100,
-            "pattern": rf"^[^{WHITE_SPACE}]([\s\S]*[^{WHITE_SPACE}])?$",
-        }
-    )
+    name: str = bounds(minLength=1, maxLength=100, pattern=TRIMMED)  # stored trimmed
     is_active: bool
     created_at: Timestamp
     updated_at: Timestamp
 
 
 class Page(BaseModel):
-    items: list[UserOut] = Field(json_schema_extra={"maxItems": MAX_PAGE})
+    items: list[UserOut] = bounds(maxItems=MAX_PAGE)
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page.",
         json_schema_extra={"anyOf": [{"type": "string", "maxLength": 11, "pattern": CURSOR_PATTERN}, {"type": "null"}]},
     )
-
-
-# draft-ietf-httpapi-idempotency-key-header: a structured-field string, or bare as Stripe's clients send it.
-IdempotencyKeyHeader = Annotated[
-    str | SkipJsonSchema[None],
-    Header(
-        alias="Idempotency-Key",
-        description="Makes a retry safe: the first answer is kept for IDEMPOTENCY_TTL_HOURS and "
-        "replayed to every request with the same key. 1 to 255 of `A-Za-z0-9-_.:`, bare or quoted.",
-        # Documented, not validated by FastAPI: a malformed key is 400 (API.md), not 422.
-        json_schema_extra={"pattern": r'^(?:"[A-Za-z0-9._:-]{1,255}"|[A-Za-z0-9._:-]{1,255})$', "maxLength": 257},
-    ),
-]
 
 
 def if_match(action: str) -> Any:

@@ -7,6 +7,8 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# The largest id an id column holds: a signed 64-bit integer (BIGINT on MySQL).
+MAX_ID = 2**63 - 1
 # SQLite only autoincrements an INTEGER PRIMARY KEY; it is 64-bit there anyway.
 BigIntId = BigInteger().with_variant(Integer, "sqlite")
 # utf8mb4_bin: every Unicode character (emoji included) stored byte for byte, and compared

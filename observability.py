@@ -9,7 +9,7 @@ Gauges are labelled, so that gunicorn's master, which imports this module too, w
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -25,6 +25,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.routing import BaseRoute, Route
 
 MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 # For an API that answers in milliseconds; the top buckets hold the requests that met a time limit.
@@ -85,12 +86,14 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 class HttpMetrics:
     """Count requests by method, route template and status, with their durations."""
 
-    def __init__(self, routes: list[tuple[str, str]]) -> None:
+    def __init__(self, routes: Iterable[BaseRoute]) -> None:
         # Bound label children by (method, route, status): labels() takes a lock and builds a key
         # on every call. Each route's histogram exists from the start, at zero.
         self.children: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
-        for method, route in routes:
-            HTTP_DURATION.labels(method, route)
+        for route in routes:
+            if isinstance(route, Route):
+                for method in route.methods or ():
+                    HTTP_DURATION.labels(method, route.path)
 
     def count(self, method: str, route: str, status: int, seconds: float) -> None:
         if method not in HTTP_METHODS:

@@ -6,14 +6,69 @@ adds to every answer. The routes declare their statuses with `problem_responses(
 `api_operation()`; `finish()` does the rest when the document is first asked for.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import TypeAdapter
+from pydantic import Field, TypeAdapter
 
 from problems import PHRASES, Problem
 from settings import settings
+
+# What the document says of the service as a whole; main.py gives it to FastAPI.
+DOCUMENT: dict[str, Any] = {
+    "title": "Users API",
+    "version": "1.0.0",
+    "description": "User records: create, read, list, update and delete, with bearer API keys, ETags and a rate limit.",
+    # Relative: the schema describes whichever deployment serves it, at that origin.
+    "servers": [
+        {
+            "url": "/",
+            "description": "The deployment that serves this schema: production or local development.",
+            "x-internal": False,
+        }
+    ],
+    # No license has been chosen for this code yet; until one is, nobody else may use it.
+    "license_info": {"name": "Proprietary: all rights reserved", "identifier": "LicenseRef-Proprietary"},
+    "contact": {"name": "The Users API maintainers"},
+    "openapi_tags": [
+        {"name": "users", "description": "The user records, under /api/v1; every operation needs an API key."},
+        {"name": "health", "description": "For load balancers and orchestrators; needs no key."},
+        {"name": "metrics", "description": "For Prometheus; needs a key of METRICS_KEYS in production."},
+    ],
+    # operationId: the route function's name, which generated clients name their functions after.
+    "generate_unique_id_function": lambda route: route.name,
+}
+
+
+def bounds(**schema: Any) -> Any:
+    """A field whose document declares these bounds, without pydantic checking them.
+
+    For what the service sends: OWASP's rules ask that every string, number and array of an
+    answer be bounded, and these values were checked on the way in, or are the service's own.
+    """
+    return Field(json_schema_extra=schema)
+
+
+# What strip_whitespace trims (Unicode White_Space), spelled out: ECMA, Python and Rust regex
+# engines each read \s differently.
+WHITE_SPACE = r"\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# A string stored trimmed: no white space at either end.
+TRIMMED = rf"^[^{WHITE_SPACE}]([\s\S]*[^{WHITE_SPACE}])?$"
+
+
+def trimmed(max_length: int) -> Callable[[dict[str, Any]], None]:
+    """Say "1 to max_length characters after trimming" in JSON Schema, whose lengths count white space too."""
+
+    def schema(field: dict[str, Any]) -> None:
+        field["description"] = f"1 to {max_length} characters after trimming surrounding white space."
+        del field["minLength"]
+        # The white space around it is trimmed, not counted: only the body's size bounds it.
+        field["maxLength"] = settings.max_body_size
+        body = rf"[^{WHITE_SPACE}]([\s\S]{{0,{max_length - 2}}}[^{WHITE_SPACE}])?"
+        field["pattern"] = rf"^[{WHITE_SPACE}]*{body}[{WHITE_SPACE}]*$"
+
+    return schema
 
 
 def header(description: str, **schema: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from typing import Any
 
 from dotenv import dotenv_values
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -93,7 +94,7 @@ class HttpProtocol(HttpToolsProtocol):
 class Worker(UvicornWorker):  # type: ignore[misc]
     CONFIG_KWARGS = {
         **UvicornWorker.CONFIG_KWARGS,
-        # EVENT_LOOP: uvloop unless set to asyncio (main.create_engine() makes aiomysql's
+        # EVENT_LOOP: uvloop unless set to asyncio (database.create_engine() makes aiomysql's
         # errors on a closed connection the same on both).
         "loop": settings.event_loop,
         "http": HttpProtocol,
@@ -103,6 +104,13 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         # worker at graceful_timeout, before the lifespan has closed the pool.
         "timeout_graceful_shutdown": drain_timeout,
     }
+
+    def init_process(self) -> None:
+        # On uvloop, closing uvicorn's server closes its listening sockets, and uvicorn closes
+        # them again: gunicorn's socket wrapper logs that second close as "Error while closing
+        # socket [Errno 9]" on every clean stop. The sockets themselves take it quietly.
+        self.sockets: list[Any] = [getattr(sock, "sock", sock) for sock in self.sockets]
+        super().init_process()
 
 
 # uvicorn-worker, not gunicorn 27's native "asgi" worker: on SIGTERM that one waits for idle

@@ -130,6 +130,21 @@ async def test_each_request_is_logged_once_as_json(service: Server) -> None:
         assert "users.access" == json.loads(logged[0])["logger"]
 
 
+async def test_in_production_every_line_on_stderr_is_json_and_a_clean_stop_logs_no_error(tmp_path: Path) -> None:
+    """gunicorn's, uvicorn's and the app's lines alike, from start to a SIGTERM; the access line's fields apart."""
+    async with Server(tmp_path) as server, server.client() as client:
+        await client.get(f"{USERS}/1", headers={"X-Request-ID": "json-fields"})
+    lines = [json.loads(line) for line in server.log().splitlines()]  # raises on any line that is not JSON
+
+    assert {"gunicorn.error", "uvicorn.error", "users", "users.access"} <= {line["logger"] for line in lines}
+    assert [] == [line for line in lines if line["level"] in ("WARNING", "ERROR", "CRITICAL")]
+    assert [] == [line for line in lines if "rror" in line["message"]]
+    [access] = [line for line in lines if line.get("request_id") == "json-fields"]
+    assert ("GET", f"{USERS}/1", 404) == (access["method"], access["path"], access["status"])
+    assert isinstance(access["duration_ms"], float)
+    assert "Shutting down: Master" == lines[-1]["message"]
+
+
 # --- Production: compose.yaml's initdb/ ----------------------------------------------------
 
 INITDB = HERE / "initdb"

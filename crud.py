@@ -4,8 +4,8 @@ A table qualifies when it has an integer primary key `id`, `created_at` and `upd
 `version` that every update bumps: the ETag, and the compare-and-swap that makes If-Match exact
 without a transaction or a lock. Each function runs on the caller's connection (in autocommit,
 unless the caller began a transaction) and raises the HTTPException its answer is: 404 for a
-missing row, 409 for a unique constraint the caller named, 412 for an If-Match that does not
-hold, 503 for a row that kept changing under an update.
+missing row, 409 for a unique constraint the caller named, 412 for an If-Match or
+If-None-Match that does not hold, 503 for a row that kept changing under an update.
 """
 
 import re
@@ -47,8 +47,6 @@ class Statements(NamedTuple):
     page: Select[Any]
     insert: Insert
     update: Update
-    delete: Delete
-    delete_versions: Delete
 
 
 @cache
@@ -62,9 +60,19 @@ def statements(model: type[Base]) -> Statements:
         insert=insert(table),
         # No values(): the columns set are the keys of the parameters each execution passes.
         update=update(table).where(by_id, table.c.version == bindparam("row_version")),
-        delete=delete(table).where(by_id),
-        delete_versions=delete(table).where(by_id, table.c.version.in_(bindparam("versions", expanding=True))),
     )
+
+
+@cache
+def delete_statement(model: type[Base], of_versions: bool, not_of_versions: bool) -> Delete:
+    """DELETE by id, of the versions given (If-Match), or of none of them (If-None-Match); built once each."""
+    table = table_of(model)
+    statement = delete(table).where(table.c.id == bindparam("row_id"))
+    if of_versions:
+        statement = statement.where(table.c.version.in_(bindparam("versions", expanding=True)))
+    if not_of_versions:
+        statement = statement.where(table.c.version.not_in(bindparam("not_versions", expanding=True)))
+    return statement
 
 
 def table_of(model: type[Base]) -> Table:
@@ -78,19 +86,47 @@ def etag(row: Row) -> str:
     return f'"{row["version"]}"'
 
 
-def entity_tags(header: str | None) -> set[str] | None:
-    """The strong entity tags in an If-Match or If-None-Match header ("*" included); None when absent or empty.
+def entity_tags(header: str | None, *, weak: bool = False) -> set[str] | None:
+    """The entity tags in an If-Match or If-None-Match header ("*" included); None when absent or empty.
 
-    An empty header is an empty list, which RFC 9110 lets a recipient treat as absent.
+    If-Match compares strongly: a weak tag (W/"3") matches nothing. If-None-Match compares
+    weakly: W/"3" is "3". An empty header is an empty list, which RFC 9110 lets a recipient
+    treat as absent.
     """
     if not header or not header.strip():
         return None
-    return {tag.strip() for tag in header.split(",") if not tag.strip().startswith("W/")}
+    tags = (tag.strip() for tag in header.split(","))
+    return {tag.removeprefix("W/") for tag in tags} if weak else {tag for tag in tags if not tag.startswith("W/")}
 
 
-def matches(row: Row, tags: set[str] | None) -> bool:
-    """Whether the row's ETag is one of tags; absent tags and "*" match any row."""
-    return tags is None or "*" in tags or etag(row) in tags
+class Preconditions(NamedTuple):
+    """What If-Match and If-None-Match ask of a row's version (RFC 9110, 13.1); None for a header not sent."""
+
+    match: set[str] | None = None  # "*": any row
+    none_match: set[str] | None = None  # "*": no row
+
+    @classmethod
+    def of(cls, if_match: str | None, if_none_match: str | None = None) -> "Preconditions":
+        return cls(entity_tags(if_match), entity_tags(if_none_match, weak=True))
+
+    def refused(self, model: type[Base], row: Row) -> HTTPException | None:
+        """The 412 for the row, if its version fails If-Match or If-None-Match."""
+        tag, name = etag(row), f"{model.__name__} {row['id']}"
+        if self.match is not None and "*" not in self.match and tag not in self.match:
+            return HTTPException(412, f"{name} has changed: its ETag is now {tag}")
+        if self.none_match is not None and ("*" in self.none_match or tag in self.none_match):
+            return HTTPException(412, f"{name} is at {tag}, which If-None-Match excludes")
+        return None
+
+    @property
+    def any_version(self) -> bool:
+        """Whether the request may write over a version it did not see: If-Match absent, or `*`."""
+        return self.match is None or "*" in self.match
+
+
+def versions(tags: set[str]) -> list[int]:
+    """The versions these entity tags name; strong comparison is byte for byte, so '"01"' names none."""
+    return [int(tag[1:-1]) for tag in tags if re.fullmatch(r'"[1-9][0-9]{0,17}"', tag)]
 
 
 async def get_row(conn: AsyncConnection, model: type[Base], row_id: int, *, retry: bool = True) -> Row:
@@ -135,24 +171,25 @@ async def update_row(
     model: type[Base],
     row_id: int,
     wanted: Mapping[str, Any],
-    tags: set[str] | None,
+    preconditions: Preconditions,
     conflicts: Mapping[str, str],
     *,
     in_transaction: bool = False,
 ) -> Row:
-    """Set the wanted values, if the row's ETag is one of tags; of two writers on one version, exactly one wins.
+    """Set the wanted values, if the preconditions hold; of two writers on one version, exactly one wins.
 
     A read, then an UPDATE that is a compare-and-swap on the version read: a write that lands
     in between makes it miss, never overwritten, and no transaction or lock is needed. Without
     If-Match (or with `*`) the loser reads again and retries, so the last write wins; with a
-    tag, it gets 412. Values that are already in place are not an update: the row comes back
-    with the same version and updated_at. in_transaction: the caller's transaction dies with a
-    dead connection, so nothing may be tried again on a fresh one.
+    tag, it gets 412, as does a request whose If-None-Match names the version it would change.
+    Values that are already in place are not an update: the row comes back with the same
+    version and updated_at. in_transaction: the caller's transaction dies with a dead
+    connection, so nothing may be tried again on a fresh one.
     """
     for _ in range(UPDATE_TRIES):
         row = await get_row(conn, model, row_id, retry=not in_transaction)
-        if not matches(row, tags):
-            raise HTTPException(412, f"{model.__name__} {row_id} has changed: its ETag is now {etag(row)}")
+        if refused := preconditions.refused(model, row):
+            raise refused
         changed = {field: value for field, value in wanted.items() if row[field] != value}
         if not changed:
             return row
@@ -166,13 +203,13 @@ async def update_row(
         except DBAPIError as exc:
             # Safe to repeat only when any version will do: had the first try landed, the next
             # finds the values in place. With a tag, it would wrongly answer 412.
-            if in_transaction or not (exc.connection_invalidated and (tags is None or "*" in tags)):
+            if in_transaction or not (exc.connection_invalidated and preconditions.any_version):
                 raise
             await conn.rollback()  # lets go of the dead connection
             continue
         if result.rowcount == 1:
             return {**row, **values}
-        if tags is not None and "*" not in tags:
+        if not preconditions.any_version:
             raise HTTPException(412, f"{model.__name__} {row_id} changed while this request was applied")
     DB_UNAVAILABLE.labels("contention").inc()
     raise HTTPException(
@@ -182,27 +219,32 @@ async def update_row(
     )
 
 
-async def delete_row(conn: AsyncConnection, model: type[Base], row_id: int, tags: set[str] | None) -> None:
-    """Delete the row, if its ETag is one of tags: one DELETE, conditional on the version; 404 or 412 when none went."""
-    statement, params = statements(model).delete, {"row_id": row_id, "versions": list[int]()}
-    if tags is not None and "*" not in tags:
-        # Strong comparison is byte for byte: '"01"' is no ETag this service gives, so it matches none.
-        versions = [int(tag[1:-1]) for tag in tags if re.fullmatch(r'"[1-9][0-9]{0,17}"', tag)]
-        statement, params["versions"] = statements(model).delete_versions, versions
-    first_try_may_have_landed = False
-    try:
-        deleted = (await conn.execute(statement, params)).rowcount == 1
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-        await conn.rollback()  # lets go of the dead connection
-        first_try_may_have_landed = True
-        deleted = (await conn.execute(statement, params)).rowcount == 1
+async def delete_row(conn: AsyncConnection, model: type[Base], row_id: int, preconditions: Preconditions) -> None:
+    """Delete the row, if the preconditions hold: one DELETE, conditional on the version; 404 or 412 when none went."""
+    match, none_match = preconditions
+    params: dict[str, Any] = {"row_id": row_id}
+    if match is not None and "*" not in match:
+        params["versions"] = versions(match)
+    if none_match is not None and "*" not in none_match:
+        params["not_versions"] = versions(none_match)
+    deleted = first_try_may_have_landed = False
+    # If-None-Match: * holds for no existing row: nothing to delete, only the miss to explain.
+    if none_match is None or "*" not in none_match:
+        statement = delete_statement(model, "versions" in params, "not_versions" in params)
+        try:
+            deleted = (await conn.execute(statement, params)).rowcount == 1
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            await conn.rollback()  # lets go of the dead connection
+            first_try_may_have_landed = True
+            deleted = (await conn.execute(statement, params)).rowcount == 1
     if deleted:
         return
     # The read after it only explains the miss; nothing is written after the DELETE.
-    if (await read(conn, statements(model).one, {"row_id": row_id})).first() is not None:
-        raise HTTPException(412, f"{model.__name__} {row_id} has changed; fetch it again for its current ETag")
+    row = (await read(conn, statements(model).one, {"row_id": row_id})).mappings().first()
+    if row is not None:
+        raise preconditions.refused(model, dict(row)) or HTTPException(412, f"{model.__name__} {row_id} has changed")
     # Gone: this request's own first try may have deleted it, and then it succeeded.
     if not first_try_may_have_landed:
         raise HTTPException(404, f"{model.__name__} {row_id} does not exist")

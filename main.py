@@ -3,7 +3,7 @@
 This file is the story of a request, in the order the request meets it:
   1. settings, then the database: `ConnectionDep`, the pooled connection a route's work runs on
   2. the lifespan: what each worker process starts, and stops again
-  3. the app and its middleware: access log, rate limit, key check, body limit, in that order
+  3. the app and its middleware: access log, rate limit, key check, size limits, in that order
   4. errors: every 4xx and 5xx as application/problem+json, 503 only for an outage
   5. schemas, then the routes: the probes and /metrics, then /api/v1/users in CRUD order
   6. the entry point, `python main.py`
@@ -38,7 +38,6 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from opentelemetry import trace
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StringConstraints, field_validator
-from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -66,10 +65,10 @@ from observability import (
     metrics_router,
     sample_pools,
 )
-from openapi import DOCUMENT, TRIMMED, api_operation, bounds, finish, problem_responses, trimmed
+from openapi import DOCUMENT, TRIMMED, api_operation, bounds, finish, not_null, problem_responses, trimmed
 from probes import drain_on_sigterm
 from probes import router as probes
-from problems import MAX_ERROR_MESSAGE, MAX_ERRORS, PHRASES, problem
+from problems import MAX_ERROR_MESSAGE, MAX_ERRORS, MAX_HEADER_BYTES, MAX_HEADER_FIELDS, PHRASES, problem
 from ratelimit import RateLimiter
 from settings import misspelt_variables, settings
 
@@ -220,9 +219,11 @@ app = FastAPIOffline(
     docs_url="/docs" if DOCS else None,
     redoc_url="/redoc" if DOCS else None,
     static_url="/static",
+    # A path with a trailing slash is 404, not a redirect built from the client's Host header.
+    redirect_slashes=False,
     lifespan=lifespan,
     # No max_body_size here: FastAPI's limit answers a too-large Content-Length in plain text,
-    # past every handler; BodyLimitMiddleware below answers it as a problem.
+    # past every handler; SizeLimitMiddleware below answers it as a problem.
     telemetry=None if settings.telemetry else {"tracing": False, "metrics": False, "logs": False},
     **DOCUMENT,  # title, description, tags: openapi.py
 )
@@ -369,8 +370,11 @@ class KeyCheckMiddleware:
         await problem(401, f"{detail}: Authorization: Bearer <key>.", headers)(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Answer 413 to a request body over MAX_BODY_SIZE, without reading it to the end."""
+class SizeLimitMiddleware:
+    """Answer 431 to headers over MAX_HEADER_BYTES or MAX_HEADER_FIELDS, 413 to a body over MAX_BODY_SIZE.
+
+    Before any route runs, and without reading a body to the end.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -379,7 +383,11 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        headers = scope["headers"]
+        if len(headers) > MAX_HEADER_FIELDS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+            detail = f"The request's headers are over {MAX_HEADER_BYTES} bytes or {MAX_HEADER_FIELDS} fields."
+            return await problem(431, detail)(scope, receive, send)
+        length = next((v for k, v in headers if k == b"content-length"), b"")
         if length.isdigit() and int(length) > self.limit:
             return await problem(413, f"The request body is larger than {self.limit} bytes.")(scope, receive, send)
         received = 0
@@ -399,7 +407,7 @@ class BodyLimitMiddleware:
 
 # add_middleware puts each one outside the last: a request meets the access log first, then
 # the rate limit, which so counts requests without a valid key too (no guessing keys at speed).
-app.add_middleware(BodyLimitMiddleware)
+app.add_middleware(SizeLimitMiddleware)
 app.add_middleware(KeyCheckMiddleware)
 app.add_middleware(RateLimitMiddleware)
 app.add_middleware(AccessLogMiddleware)
@@ -496,13 +504,13 @@ class UserCreate(BaseModel):
 
 
 class UserUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Optional, but null is not a value: the validator below refuses it, and the schema leaves
+    # it out (openapi.not_null), so a wrong type is told as the field's own error.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=not_null)
 
-    # Optional, but null is not a value: SkipJsonSchema keeps null out of the schema, and the
-    # validator below rejects it.
-    email: emails.Email | SkipJsonSchema[None] = None
-    name: Name | SkipJsonSchema[None] = None
-    is_active: bool | SkipJsonSchema[None] = None
+    email: emails.Email | None = None
+    name: Name | None = None
+    is_active: bool | None = None
 
     @field_validator("email", "name", "is_active", mode="before")
     @classmethod
@@ -541,7 +549,14 @@ class Page(BaseModel):
 
 
 def if_match(action: str) -> Any:
+    """The If-Match header of a route that acts on one user, described for the document."""
     return Header(max_length=MAX_IF_MATCH, description=f"{action} only if the user's ETag is one of these.")
+
+
+def if_none_match(action: str) -> Any:
+    return Header(
+        max_length=MAX_IF_MATCH, description=f"{action} only if the user's ETag is none of these (`*`: none)."
+    )
 
 
 # --- Routes ---------------------------------------------------------------------------------
@@ -611,10 +626,18 @@ async def create_user(
     return await answer_once(conn, request, idempotency_key, new.model_dump(), insert_user)
 
 
-@app.get(f"{USERS}/{{user_id}}", response_model=UserOut, **api_operation("users", 404, sends={200: ("ETag",)}))
-async def get_user(user_id: UserId, conn: ConnectionDep) -> Response:
-    """Return one user, with its ETag."""
+@app.get(
+    f"{USERS}/{{user_id}}",
+    response_model=UserOut,
+    **api_operation("users", 404, sends={200: ("ETag",), 304: ("ETag",)}),
+)
+async def get_user(
+    user_id: UserId, conn: ConnectionDep, if_none_match: Annotated[str | None, if_none_match("Send it")] = None
+) -> Response:
+    """Return one user, with its ETag; 304 with no body when If-None-Match names that ETag (or is `*`)."""
     user = await crud.get_row(conn, User, user_id)  # one SELECT, in autocommit
+    if crud.Preconditions.of(None, if_none_match).refused(User, user):
+        return Response(status_code=304, headers={"ETag": crud.etag(user)})
     return user_answer(user)
 
 
@@ -629,32 +652,37 @@ async def update_user(
     conn: ConnectionDep,
     request: Request,
     if_match: Annotated[str | None, if_match("Update")] = None,
+    if_none_match: Annotated[str | None, if_none_match("Update")] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    """Change the given fields; with If-Match, only if the user is still at one of those versions."""
+    """Change the given fields; with If-Match or If-None-Match, only if the user's version meets them."""
     asked = changes.model_dump(exclude_unset=True)
     wanted = {**asked, "email_key": emails.key(asked["email"])} if "email" in asked else asked
-    tags, taken = crud.entity_tags(if_match), {EMAIL_TAKEN: f"The email {asked.get('email')} is already taken"}
+    preconditions = crud.Preconditions.of(if_match, if_none_match)
+    taken = {EMAIL_TAKEN: f"The email {asked.get('email')} is already taken"}
 
     async def apply_update(in_transaction: bool = False) -> Response:
-        user = await crud.update_row(conn, User, user_id, wanted, tags, taken, in_transaction=in_transaction)
+        user = await crud.update_row(conn, User, user_id, wanted, preconditions, taken, in_transaction=in_transaction)
         return user_answer(user)
 
     # Without a key, no transaction: a read, then an UPDATE that is a compare-and-swap on the
     # version read, which needs none (crud.update_row). With one, answer_once()'s transaction.
     if idempotency_key is None:
         return await apply_update()
-    asked_for = {**asked, "if_match": if_match}
+    asked_for = {**asked, "if_match": if_match, **({"if_none_match": if_none_match} if if_none_match else {})}
     return await answer_once(conn, request, idempotency_key, asked_for, lambda: apply_update(in_transaction=True))
 
 
 @app.delete(f"{USERS}/{{user_id}}", status_code=204, **api_operation("users", 404, 412))
 async def delete_user(
-    user_id: UserId, conn: ConnectionDep, if_match: Annotated[str | None, if_match("Delete")] = None
+    user_id: UserId,
+    conn: ConnectionDep,
+    if_match: Annotated[str | None, if_match("Delete")] = None,
+    if_none_match: Annotated[str | None, if_none_match("Delete")] = None,
 ) -> Response:
-    """Delete a user; with If-Match, only if the user is still at one of those versions."""
+    """Delete a user; with If-Match or If-None-Match, only if the user's version meets them."""
     # No transaction: one DELETE, conditional on the version, committed as it returns.
-    await crud.delete_row(conn, User, user_id, crud.entity_tags(if_match))
+    await crud.delete_row(conn, User, user_id, crud.Preconditions.of(if_match, if_none_match))
     return Response(status_code=204)
 
 

@@ -12,14 +12,15 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import Field, TypeAdapter
 
-from problems import PHRASES, Problem
+from problems import MAX_HEADER_BYTES, MAX_HEADER_FIELDS, PHRASES, Problem
 from settings import settings
 
 # What the document says of the service as a whole; main.py gives it to FastAPI.
 DOCUMENT: dict[str, Any] = {
     "title": "Users API",
     "version": "1.0.0",
-    "description": "User records: create, read, list, update and delete, with bearer API keys, ETags and a rate limit.",
+    "description": "User records: create, read, list, update and delete, with bearer API keys, ETags and a rate "
+    "limit. Paths are exact: one with a trailing slash is 404, never a redirect.",
     # Relative: the schema describes whichever deployment serves it, at that origin.
     "servers": [
         {
@@ -69,6 +70,15 @@ def trimmed(max_length: int) -> Callable[[dict[str, Any]], None]:
         field["pattern"] = rf"^[{WHITE_SPACE}]*{body}[{WHITE_SPACE}]*$"
 
     return schema
+
+
+def not_null(schema: dict[str, Any]) -> None:
+    """Leave null out of a model's optional fields: they may be left out, never sent as null."""
+    for field in schema["properties"].values():
+        kinds = field.get("anyOf", [])
+        if {"type": "null"} in kinds:
+            field.update(*(kind for kind in kinds if kind != {"type": "null"}))
+            del field["anyOf"]
 
 
 def header(description: str, **schema: Any) -> dict[str, Any]:
@@ -129,17 +139,20 @@ PROBLEM_HEADERS = {401: ("WWW-Authenticate",), 429: ("Retry-After",), 503: ("Ret
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The problems an operation may answer: 413 and 500 on any, as the middleware answers them anywhere."""
+    """The problems an operation may answer: 413, 431 and 500 on any, as the middleware answers them anywhere."""
     # The schema sits under the media type actually served: FastAPI's "model" key would file it
     # under application/json.
     content = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    described = {
+        431: f"{PHRASES[431]}: over {MAX_HEADER_BYTES} bytes of header fields, or over {MAX_HEADER_FIELDS} of them."
+    }
     return {
         status: {
-            "description": PHRASES[status],
+            "description": described.get(status, PHRASES[status]),
             "content": content,
             "headers": headers(*PROBLEM_HEADERS.get(status, ())),
         }
-        for status in sorted({413, 500, *statuses})
+        for status in sorted({413, 431, 500, *statuses})
     }
 
 
@@ -148,7 +161,11 @@ def api_operation(tag: str, *statuses: int, sends: dict[int, Iterable[str]] | No
 
     `sends`: the headers of its success answers, by status (ETag, Location).
     """
-    success = {status: {"headers": headers(*names)} for status, names in (sends or {}).items()}
+    success: dict[int, dict[str, Any]] = {
+        status: {"headers": headers(*names)} for status, names in (sends or {}).items()
+    }
+    if 304 in success:
+        success[304]["description"] = "Not Modified: the client's copy, named by If-None-Match, is current."
     return {
         "tags": [tag],
         # The key itself is checked by the key-check middleware, before the body is read;

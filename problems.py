@@ -24,6 +24,10 @@ PHRASES = {
     503: "Service Unavailable",
 }
 
+# The request's header fields, in all and in number, beyond which it is answered 431 (API.md),
+# before any route runs: as much as common servers and proxies allow (Node's 16 KiB, nginx's buffers).
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADER_FIELDS = 100
 # A 422 lists at most this many errors, each message cut to at most MAX_ERROR_MESSAGE characters,
 # as the schema below says: a body of thousands of unknown fields gets the first few, not an
 # answer larger than itself.

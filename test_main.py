@@ -356,6 +356,17 @@ async def test_wrong_type_is_422(
     assert ["body", field] == assert_problem(response, 422)["errors"][0]["loc"][:2]
 
 
+@pytest.mark.parametrize(("method", "path"), WRITES)
+async def test_422_for_a_wrong_type_names_the_field_and_the_rule_never_a_function(
+    client: httpx.AsyncClient, user: dict[str, Any], method: str, path: str
+) -> None:
+    """An email that is not a string is told so, at ["body", "email"]: no function of ours, no "should be None"."""
+    response = await client.request(method, aimed_at(path, user), json={"email": 5, "name": "Grace"})
+
+    errors = assert_problem(response, 422)["errors"]
+    assert [{"loc": ["body", "email"], "msg": "Input should be a valid string"}] == errors
+
+
 @pytest.mark.parametrize("body", [[], "ada@example.com", 1, None])
 @pytest.mark.parametrize(("method", "path"), WRITES)
 async def test_body_that_is_not_an_object_is_422(
@@ -409,6 +420,34 @@ async def test_id_that_is_not_a_positive_64_bit_integer_is_422(
     response = await client.request(method, f"{USERS}/{user_id}", json=body)
 
     assert ["path", "user_id"] == assert_problem(response, 422)["errors"][0]["loc"]
+
+
+@pytest.mark.parametrize("if_none_match", ["{tag}", "*", "W/{tag}", '"999", {tag}'])
+async def test_get_with_if_none_match_naming_the_current_etag_is_304_with_the_etag_and_no_body(
+    client: httpx.AsyncClient, if_none_match: str
+) -> None:
+    """A client that holds the current version is told so, with nothing to download (RFC 9110, 13.1.2)."""
+    user = await create(client)
+    tag = (await client.get(f"{USERS}/{user['id']}")).headers["etag"]
+
+    response = await client.get(f"{USERS}/{user['id']}", headers={"If-None-Match": if_none_match.format(tag=tag)})
+
+    assert (304, tag, b"") == (response.status_code, response.headers["etag"], response.content)
+
+
+@pytest.mark.parametrize("if_none_match", ['"999"', 'W/"999"', ""])
+async def test_get_with_if_none_match_naming_another_etag_is_200(client: httpx.AsyncClient, if_none_match: str) -> None:
+    """An old or unknown tag, or an empty header, gets the user as always."""
+    user = await create(client)
+
+    response = await client.get(f"{USERS}/{user['id']}", headers={"If-None-Match": if_none_match})
+
+    assert (200, user) == (response.status_code, response.json())
+
+
+async def test_get_with_if_none_match_of_a_missing_user_is_404(client: httpx.AsyncClient) -> None:
+    """If-None-Match: * holds for a user that does not exist: its 404, not a 304."""
+    assert_problem(await client.get(f"{USERS}/{2**40}", headers={"If-None-Match": "*"}), 404)
 
 
 # --- GET /api/v1/users ---------------------------------------------------------------------
@@ -716,6 +755,31 @@ async def test_if_match_on_missing_user_is_404(
     assert_problem(response, 404)
 
 
+@pytest.mark.parametrize("if_none_match", ["*", "{tag}", "W/{tag}"])
+@pytest.mark.parametrize(("method", "body"), CONDITIONAL)
+async def test_write_with_if_none_match_naming_the_current_version_is_412_and_changes_nothing(
+    client: httpx.AsyncClient, user: dict[str, Any], method: str, body: dict[str, Any] | None, if_none_match: str
+) -> None:
+    """RFC 9110, 13.1.2: a false If-None-Match on PATCH or DELETE is 412, and the method is not performed."""
+    path = f"{USERS}/{user['id']}"
+    tag = (await client.get(path)).headers["etag"]
+
+    response = await client.request(method, path, json=body, headers={"If-None-Match": if_none_match.format(tag=tag)})
+
+    assert_problem(response, 412)
+    assert user == (await client.get(path)).json()
+
+
+@pytest.mark.parametrize(("method", "body"), CONDITIONAL)
+async def test_write_with_if_none_match_naming_another_version_goes_ahead(
+    client: httpx.AsyncClient, user: dict[str, Any], method: str, body: dict[str, Any] | None
+) -> None:
+    """If-None-Match naming only an old version holds: the write is made."""
+    response = await client.request(method, f"{USERS}/{user['id']}", json=body, headers={"If-None-Match": '"9"'})
+
+    assert {"PATCH": 200, "DELETE": 204}[method] == response.status_code, response.text
+
+
 # --- Errors --------------------------------------------------------------------------------
 
 
@@ -845,15 +909,28 @@ async def test_health_is_200_with_pool_figures(client: httpx.AsyncClient) -> Non
 
 # 413 and 500 on every operation: the middleware answers them on any path.
 OPERATIONS = {
-    ("/health", "get"): {"200", "413", "500", "503"},
-    ("/livez", "get"): {"200", "413", "500"},
-    ("/readyz", "get"): {"200", "413", "500", "503"},
-    ("/metrics", "get"): {"200", "401", "413", "500"},
-    (USERS, "get"): {"200", "401", "413", "422", "429", "500", "503"},
-    (USERS, "post"): {"201", "400", "401", "409", "413", "422", "429", "500", "503"},
-    (f"{USERS}/{{user_id}}", "get"): {"200", "401", "404", "413", "422", "429", "500", "503"},
-    (f"{USERS}/{{user_id}}", "patch"): {"200", "400", "401", "404", "409", "412", "413", "422", "429", "500", "503"},
-    (f"{USERS}/{{user_id}}", "delete"): {"204", "401", "404", "412", "413", "422", "429", "500", "503"},
+    ("/health", "get"): {"200", "413", "431", "500", "503"},
+    ("/livez", "get"): {"200", "413", "431", "500"},
+    ("/readyz", "get"): {"200", "413", "431", "500", "503"},
+    ("/metrics", "get"): {"200", "401", "413", "431", "500"},
+    (USERS, "get"): {"200", "401", "413", "431", "422", "429", "500", "503"},
+    (USERS, "post"): {"201", "400", "401", "409", "413", "431", "422", "429", "500", "503"},
+    (f"{USERS}/{{user_id}}", "get"): {"200", "304", "401", "404", "413", "431", "422", "429", "500", "503"},
+    (f"{USERS}/{{user_id}}", "patch"): {
+        "200",
+        "400",
+        "401",
+        "404",
+        "409",
+        "412",
+        "413",
+        "431",
+        "422",
+        "429",
+        "500",
+        "503",
+    },
+    (f"{USERS}/{{user_id}}", "delete"): {"204", "401", "404", "412", "413", "431", "422", "429", "500", "503"},
 }
 
 
@@ -1402,6 +1479,40 @@ async def test_email_with_any_syntactically_valid_domain_is_accepted(sqlite_serv
         response = await client.post(USERS, json={"email": f"{uuid.uuid4().hex}@{domain}", "name": "Ada"})
     assert 201 == response.status_code, response.text
     assert response.json()["email"].endswith(f"@{domain.lower()}")
+
+
+@pytest.mark.parametrize("path", ["/health/", f"{USERS}/", f"{USERS}/1/"])
+async def test_a_path_with_a_trailing_slash_is_404_never_a_redirect_to_the_clients_host(
+    sqlite_service: Server, path: str
+) -> None:
+    """No 307 to http://<Host>/...: the Host header is never echoed into a Location."""
+    async with sqlite_service.client() as client:
+        response = await client.get(path, headers={"Host": "evil.example"})
+
+    assert_problem(response, 404)
+    assert "location" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([("x-big", "a" * (problems.MAX_HEADER_BYTES + 1))], 431),
+        ([("x-big", "a" * 1024 * 1024)], 431),
+        ([(f"x-h{n}", "1") for n in range(problems.MAX_HEADER_FIELDS + 1)], 431),
+        ([("x-big", "a" * (problems.MAX_HEADER_BYTES - 1024))], 200),
+        ([(f"x-h{n}", "1") for n in range(problems.MAX_HEADER_FIELDS - 10)], 200),
+    ],
+)
+async def test_request_headers_over_the_documented_size_or_count_are_431_problem(
+    sqlite_service: Server, headers: list[tuple[str, str]], status: int
+) -> None:
+    """Over MAX_HEADER_BYTES in all, or MAX_HEADER_FIELDS fields, before any route runs; within them, served."""
+    async with sqlite_service.client() as client:
+        response = await client.get(f"{USERS}?limit=1", headers=headers)
+
+    assert status == response.status_code, response.text
+    if status == 431:
+        assert_problem(response, 431)
 
 
 # --- Protection: error answers tell nothing of the inside ----------------------------------

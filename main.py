@@ -1847,6 +1847,12 @@ async def delete_user(
 if __name__ == "__main__":
     import uvicorn
 
+    import schema
+
+    # A laptop's database has no deploy step to bring it to the code's revision first; production's has.
+    if settings.environment == "development":
+        schema.upgrade_to_head()
+
     # app itself, not "main:app" with reload: the reloader would import this file a second time
     # in its child, and prometheus_client refuses metrics registered twice.
     # forwarded_allow_ips: X-Forwarded-For only from TRUSTED_PROXIES (uvicorn's default believes 127.0.0.1).

@@ -19,7 +19,9 @@ RUN pip install --no-cache-dir -r requirements.txt
 # It has a home for gunicorn's control socket (~/.gunicorn). USER by number, so that an
 # orchestrator can verify it is not root (runAsNonRoot) without reading /etc/passwd.
 RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --create-home app
-COPY main.py models.py settings.py gunicorn.conf.py ./
+COPY main.py models.py settings.py schema.py gunicorn.conf.py alembic.ini ./
+# The schema's revisions: compose's migrate service runs `alembic upgrade head` from this image.
+COPY migrations/ migrations/
 USER 10001:10001
 
 EXPOSE 8000

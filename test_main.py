@@ -51,10 +51,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import URL, delete, event, func, insert, make_url, select, text, update
-from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
-from sqlalchemy.schema import CreateIndex, CreateTable
 from starlette.types import Message, Receive, Scope, Send
 
 import main
@@ -1925,57 +1923,6 @@ async def test_each_request_is_logged_once_as_json(service: Server) -> None:
         logged = [line for line in lines if request_id in line]
         assert 1 == len(logged), logged
         assert "users.access" == json.loads(logged[0])["logger"]
-
-
-# --- Production: compose.yaml's initdb/ ----------------------------------------------------
-
-INITDB = HERE / "initdb"
-
-
-def schema_sql() -> str:
-    """initdb/01-schema.sql as it must be: the tables of models.py and their indexes, as MySQL DDL."""
-    dialect = mysql.dialect()
-    statements = []
-    for table in Base.metadata.sorted_tables:
-        statements.append(str(CreateTable(table).compile(dialect=dialect)).strip())
-        statements += [
-            str(CreateIndex(index).compile(dialect=dialect)).strip() for index in sorted(table.indexes, key=str)
-        ]
-    return (
-        "-- The tables, generated from models.py; do not edit (test_main.py checks it):\n"
-        "-- python -c 'import test_main as t; print(t.schema_sql(), end=\"\")' > initdb/01-schema.sql\n"
-        + "".join(f"{statement};\n" for statement in statements)
-    )
-
-
-def test_initdb_schema_is_generated_from_models() -> None:
-    """initdb/01-schema.sql is exactly the DDL SQLAlchemy generates from models.py for MySQL."""
-    assert schema_sql() == (INITDB / "01-schema.sql").read_text()
-
-
-async def test_initdb_creates_the_table_create_all_creates_and_the_demo_users() -> None:
-    """The initdb scripts, run as MySQL's entrypoint runs them, give create_all's tables and main.py's demo users."""
-    async with fresh_database("initdb") as by_initdb, fresh_database("create_all") as by_create_all:
-        engines = [create_async_engine(url, poolclass=NullPool) for url in (by_initdb, by_create_all)]
-        try:
-            async with engines[0].begin() as conn:
-                for script in sorted(INITDB.glob("*.sql")):
-                    for statement in script.read_text().split(";\n"):
-                        if statement.strip():
-                            await conn.exec_driver_sql(statement)
-                demo = (await conn.execute(select(User.email, User.name).order_by(User.id))).all()
-            async with engines[1].begin() as conn:
-                await conn.run_sync(Base.metadata.create_all)
-            tables = []
-            for engine in engines:
-                async with engine.connect() as conn:
-                    ddl = [(await conn.execute(text(f"SHOW CREATE TABLE {t}"))).one()[1] for t in Base.metadata.tables]
-                    tables.append([re.sub(r" AUTO_INCREMENT=\d+", "", d) for d in ddl])  # the next id is data
-        finally:
-            for engine in engines:
-                await engine.dispose()
-    assert tables[1] == tables[0]
-    assert main.DEMO_USERS == [tuple(row) for row in demo]
 
 
 # --- Production: the database unreachable, then back ---------------------------------------

@@ -389,8 +389,15 @@ async def test_gunicorn_starts_on_a_database_at_head_or_at_a_later_releases_revi
     if revision == "later":
         await on(url, "UPDATE alembic_version SET version_num = '9999'")
 
-    async with Server(tmp_path, workers=2, DATABASE_URL=url) as server, server.client() as client:
-        assert 200 == (await client.get(USERS)).status_code
+    # Started as it is, with no deploy step before it.
+    server = Server(tmp_path, workers=2, DATABASE_URL=url)
+    await server.start()
+    try:
+        await server.wait_ready()
+        async with server.client() as client:
+            assert 200 == (await client.get(USERS)).status_code
+    finally:
+        await server.stop()
 
     expected = {
         "head": f"database schema at revision {schema.head_revision()}, the code's",

@@ -26,11 +26,12 @@ import schema
 from models import Base, User
 from test_main import HERE, TEST_MYSQL_URL, USERS, Server, auth_header, free_port, fresh_database, render, service_env
 
-# The tables as they were before migrations, at 8c36b11, the last commit before models.py named
-# every constraint: compose's initdb/01-schema.sql on MySQL (whose unnamed UNIQUE constraints the
-# server names email_key and owner), and what create_all made of models.py on SQLite.
+# The tables as earlier versions made them, with no alembic_version: at 8c36b11, the last commit
+# before models.py named every constraint (MySQL names an unnamed UNIQUE after its first column:
+# email_key, owner), and at 1975d26, the last before migrations. On MySQL, compose's
+# initdb/01-schema.sql, which was create_all's DDL; on SQLite, what create_all made.
 BEFORE_MIGRATIONS = {
-    "mysql": [
+    ("8c36b11", "mysql"): [
         """CREATE TABLE idempotency_keys (
             id BIGINT NOT NULL AUTO_INCREMENT,
             owner VARCHAR(32) NOT NULL,
@@ -58,7 +59,7 @@ BEFORE_MIGRATIONS = {
             UNIQUE (email_key)
         )CHARSET=utf8mb4 COLLATE utf8mb4_bin""",
     ],
-    "sqlite": [
+    ("8c36b11", "sqlite"): [
         """CREATE TABLE users (
             id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
             email VARCHAR(254) NOT NULL,
@@ -82,6 +83,61 @@ BEFORE_MIGRATIONS = {
             created_at DATETIME NOT NULL,
             PRIMARY KEY (id),
             UNIQUE (owner, "key")
+        )""",
+        "CREATE INDEX ix_idempotency_keys_created_at ON idempotency_keys (created_at)",
+    ],
+    ("1975d26", "mysql"): [
+        """CREATE TABLE idempotency_keys (
+            id BIGINT NOT NULL AUTO_INCREMENT,
+            owner VARCHAR(32) NOT NULL,
+            `key` VARCHAR(255) NOT NULL,
+            fingerprint VARCHAR(64) NOT NULL,
+            status INTEGER NOT NULL,
+            location VARCHAR(64),
+            etag VARCHAR(32),
+            body TEXT NOT NULL,
+            created_at DATETIME(6) NOT NULL,
+            CONSTRAINT pk_idempotency_keys PRIMARY KEY (id),
+            CONSTRAINT uq_idempotency_keys_owner_key UNIQUE (owner, `key`)
+        )CHARSET=utf8mb4 COLLATE utf8mb4_bin""",
+        "CREATE INDEX ix_idempotency_keys_created_at ON idempotency_keys (created_at)",
+        """CREATE TABLE users (
+            id BIGINT NOT NULL AUTO_INCREMENT,
+            email VARCHAR(254) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+            email_key VARCHAR(254) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+            name VARCHAR(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+            is_active BOOL NOT NULL,
+            created_at DATETIME(6) NOT NULL,
+            updated_at DATETIME(6) NOT NULL,
+            version INTEGER NOT NULL,
+            CONSTRAINT pk_users PRIMARY KEY (id),
+            CONSTRAINT uq_users_email_key UNIQUE (email_key)
+        )CHARSET=utf8mb4 COLLATE utf8mb4_bin""",
+    ],
+    ("1975d26", "sqlite"): [
+        """CREATE TABLE users (
+            id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+            email VARCHAR(254) NOT NULL,
+            email_key VARCHAR(254) NOT NULL,
+            name VARCHAR(100) NOT NULL,
+            is_active BOOLEAN NOT NULL,
+            created_at DATETIME NOT NULL,
+            updated_at DATETIME NOT NULL,
+            version INTEGER NOT NULL,
+            CONSTRAINT uq_users_email_key UNIQUE (email_key)
+        )""",
+        """CREATE TABLE idempotency_keys (
+            id INTEGER NOT NULL,
+            owner VARCHAR(32) NOT NULL,
+            "key" VARCHAR(255) NOT NULL,
+            fingerprint VARCHAR(64) NOT NULL,
+            status INTEGER NOT NULL,
+            location VARCHAR(64),
+            etag VARCHAR(32),
+            body TEXT NOT NULL,
+            created_at DATETIME NOT NULL,
+            CONSTRAINT pk_idempotency_keys PRIMARY KEY (id),
+            CONSTRAINT uq_idempotency_keys_owner_key UNIQUE (owner, "key")
         )""",
         "CREATE INDEX ix_idempotency_keys_created_at ON idempotency_keys (created_at)",
     ],
@@ -282,27 +338,20 @@ async def rows_of(url: str, query: str) -> list[tuple[object, ...]]:
         await engine.dispose()
 
 
-async def made_before_migrations(url: str, by: str) -> None:
-    """Make the tables as a version of the service before migrations did, with users 1 and 2 (3 was deleted)."""
-    if by == "create_all":
-        await made_by_create_all(url)
-    else:
-        await on(url, *BEFORE_MIGRATIONS["sqlite" if url.startswith("sqlite") else "mysql"])
+async def made_before_migrations(url: str, commit: str) -> None:
+    """Make the tables as the service at this commit did, with users 1 and 2 (3 was deleted)."""
+    await on(url, *BEFORE_MIGRATIONS[commit, "sqlite" if url.startswith("sqlite") else "mysql"])
     await add_users(url, "ada@example.com", "grace@example.com", "alan@example.com")
     await on(url, "DELETE FROM users WHERE id = 3")
 
 
-@pytest.mark.parametrize("by", ["8c36b11", "create_all"])
+@pytest.mark.parametrize("commit", ["8c36b11", "1975d26"])
 async def test_database_made_before_migrations_is_adopted_with_its_rows(
-    new_database: NewDatabase, tmp_path: Path, by: str
+    new_database: NewDatabase, tmp_path: Path, commit: str
 ) -> None:
-    """`alembic upgrade head` on the tables an earlier version made leaves them as on a fresh database, rows kept.
-
-    8c36b11: compose's initdb on MySQL and create_all on SQLite, before constraints were named;
-    create_all: models.py as it is, in a database without alembic_version.
-    """
+    """`alembic upgrade head` on the tables an earlier version made leaves them as on a fresh database, rows kept."""
     old, fresh = await new_database("old"), await new_database("fresh")
-    await made_before_migrations(old, by)
+    await made_before_migrations(old, commit)
 
     await upgrade(old, tmp_path)
     await upgrade(fresh, tmp_path)

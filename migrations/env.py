@@ -22,7 +22,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name)
 
 
-def number_revision(context: MigrationContext, revision: Any, directives: list[MigrationScript]) -> None:
+def number_revision(migration_context: MigrationContext, revision: Any, directives: list[MigrationScript]) -> None:
     """Give a new revision the next number after head (0002, 0003, ...), so that ids and file names read in order."""
     head = ScriptDirectory.from_config(config).get_current_head()
     directives[0].rev_id = f"{int(head or 0) + 1:04d}"

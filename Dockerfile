@@ -21,6 +21,9 @@ RUN pip install --no-cache-dir -r requirements.txt
 RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --create-home app
 # Only the service's modules reach the build context (.dockerignore), never a test or a .env.
 COPY *.py ./
+# The schema's revisions: compose's migrate service runs `alembic upgrade head` from this image.
+COPY alembic.ini ./
+COPY migrations/ migrations/
 USER 10001:10001
 
 EXPOSE 8000

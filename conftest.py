@@ -198,7 +198,8 @@ class Server:
         self.process: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> "Server":
-        """Start the server and wait until /health answers; stop it again if it does not."""
+        """Bring its database to head, as a deploy does first; start the server and wait until /health answers."""
+        await self.migrate()
         await self.start()
         try:
             await self.wait_ready()
@@ -209,6 +210,15 @@ class Server:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    async def migrate(self) -> None:
+        """Run `alembic upgrade head` on the server's database, with its environment: compose's migrate service."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "alembic", "-c", str(HERE / "alembic.ini"), "upgrade", "head",
+            cwd=self.log_path.parent, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await process.communicate()
+        assert 0 == process.returncode, output.decode()
 
     async def start(self) -> None:
         with self.log_path.open("wb") as log:
@@ -431,6 +441,10 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
     body = await reader.readexactly(int(headers.get("content-length", "0")))
     return int(status_line.split()[1]), headers, body
+
+
+def auth_header() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[0]}"}
 
 
 # --- Shared by the production, rate-limit and observability tests ------------------------

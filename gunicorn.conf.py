@@ -156,21 +156,25 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
-    """Make the metrics directory; check the connection budget and create the schema; once, before fork."""
+    """Make the metrics directory; check the connection budget and the schema's revision; once, before fork."""
     prepare_metrics_directory(server)
     # The master starts no event loop of its own; this one is closed again before any fork.
     server.log.info(asyncio.run(prepare_database(server.cfg.workers)))
 
 
 async def prepare_database(worker_count: int) -> str:
-    """Refuse to start when the pools cannot fit in the server's connection limit; create missing tables."""
-    # Imported here, so that only the master that starts gunicorn pays for it.
+    """Refuse to start when the pools cannot fit in the server's connection limit, or the schema is behind the code.
+
+    The schema is never altered here: `alembic upgrade head` is a deploy step of its own, run once
+    before the new code starts (README.md, Changing the schema).
+    """
+    # Imported here, so that only the master that starts gunicorn pays for them.
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
 
-    from models import Base
+    import schema
 
     # The + 1: each worker's probe engine, the one connection /health checks the database on.
     per_worker = settings.db_pool_size + settings.db_max_overflow + 1
@@ -182,9 +186,8 @@ async def prepare_database(worker_count: int) -> str:
     try:
         async with asyncio.timeout(30), engine.connect() as conn:
             if conn.dialect.name not in ("mysql", "mariadb"):
-                await conn.run_sync(Base.metadata.create_all)
-                await conn.commit()
-                return f"database pool budget: {arithmetic}; no server limit to check on {conn.dialect.name}"
+                revision = await schema.check(conn)
+                return f"database pool budget: {arithmetic}; no server limit on {conn.dialect.name}; {revision}"
             server_limit = await conn.scalar(text("SELECT @@max_connections"))
             # A per-account limit (MAX_USER_CONNECTIONS), when set, is the tighter one.
             user_limit = await conn.scalar(text("SELECT @@max_user_connections"))
@@ -195,13 +198,12 @@ async def prepare_database(worker_count: int) -> str:
                     f"(max_connections {server_limit}, max_user_connections {user_limit}). "
                     "Lower WEB_CONCURRENCY, DB_POOL_SIZE or DB_MAX_OVERFLOW, or raise the server's max_connections."
                 )
-            await conn.run_sync(Base.metadata.create_all)
-            await conn.commit()
+            revision = await schema.check(conn)
     except (DBAPIError, TimeoutError) as exc:
         raise RuntimeError(f"cannot reach the database to check it: {type(exc).__name__}: {exc}") from None
     finally:
         await engine.dispose()
-    return f"database pool budget: {arithmetic} <= {limit} (max_connections {server_limit})"
+    return f"database pool budget: {arithmetic} <= {limit} (max_connections {server_limit}); {revision}"
 
 
 # --- The rate-limit table the workers share (RateLimitTable in ratelimit.py) ---

@@ -51,7 +51,7 @@ import emails
 from database import create_engine, unavailable
 from idempotency import IdempotencyKeyHeader, answer_once, owner, purge_expired_keys
 from logs import configure_logging
-from models import MAX_ID, Base, User
+from models import MAX_ID, User
 from observability import (
     DB_POOL_WAIT,
     DB_POOL_WAITING,
@@ -152,10 +152,9 @@ DEMO_USERS = [
 ]
 
 
-async def create_schema_and_demo_users(engine: AsyncEngine) -> None:
-    """Create the tables if missing; a fresh database gets a few demo users."""
+async def add_demo_users(engine: AsyncEngine) -> None:
+    """Give an empty users table a few demo users (development only: production's start with none)."""
     async with engine.connect() as conn:
-        await conn.run_sync(Base.metadata.create_all)
         if await conn.scalar(select(func.count()).select_from(User)) == 0:
             now = datetime.now(UTC)
             users = [
@@ -177,7 +176,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         log.warning("!!! API_KEYS is empty: /api/v1 is open to anyone (development only) !!!")
     engine, probe_engine = create_engines()
     if settings.environment == "development":
-        await create_schema_and_demo_users(engine)
+        await add_demo_users(engine)
     # Per worker, like the engines: a Redis connection belongs to this worker's event loop.
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     # RATE_LIMIT_TABLE is not a setting: gunicorn's master sets it for the workers it forks.
@@ -691,6 +690,12 @@ finish(app)
 
 if __name__ == "__main__":
     import uvicorn
+
+    import schema
+
+    # A laptop's database has no deploy step to bring it to the code's revision first; production's has.
+    if settings.environment == "development":
+        schema.upgrade_to_head()
 
     # app itself, not "main:app" with reload: the reloader would import this file a second time
     # in its child, and prometheus_client refuses metrics registered twice.

@@ -41,6 +41,7 @@ from conftest import (
     Server,
     asgi_client,
     assert_problem,
+    auth_header,
     count_users,
     create,
     free_port,
@@ -1325,10 +1326,6 @@ async def test_python_main_py_serves_the_api_on_a_sqlite_file_in_its_folder(tmp_
     assert 200 == response.status_code, response.text
     assert "ada@example.com" == response.json()["email"]
     assert (tmp_path / "users.db").exists()
-
-
-def auth_header() -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEYS[0]}"}
 
 
 async def test_development_without_keys_is_open_and_warns_loudly_at_start(tmp_path: Path) -> None:

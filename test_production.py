@@ -7,7 +7,6 @@ recycled, and nothing answered 201 lost.
 
 import asyncio
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -22,15 +21,10 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import URL, select, text
-from sqlalchemy.dialects import mysql
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
-from sqlalchemy.schema import CreateIndex, CreateTable
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-import main
 from conftest import (
     DEADLINE,
-    HERE,
     KEYS,
     USERS,
     Ledger,
@@ -48,7 +42,7 @@ from conftest import (
     wait_until_answering,
     worker_boots,
 )
-from models import Base, User
+from models import User
 
 # --- Production: gunicorn on MariaDB, behind the proxy -------------------------------------
 # Gunicorn runs with 2 workers. Its database traffic goes through TcpProxy, so the tests can
@@ -83,8 +77,8 @@ async def every_endpoint_once(service: Server, ledger: Ledger, user_id: int) -> 
 # --- Production: start ---------------------------------------------------------------------
 
 
-async def test_start_on_empty_database_creates_schema_once_with_4_workers(tmp_path: Path) -> None:
-    """Gunicorn with 4 workers on an empty database creates the table once and no worker fails."""
+async def test_start_with_4_workers_on_a_migrated_database_fails_no_worker(tmp_path: Path) -> None:
+    """Gunicorn with 4 workers, on a database the deploy step brought to head, starts each worker once."""
     async with (
         fresh_database("empty") as url,
         Server(tmp_path, workers=4, DATABASE_URL=render(url)) as server,
@@ -143,57 +137,6 @@ async def test_in_production_every_line_on_stderr_is_json_and_a_clean_stop_logs_
     assert ("GET", f"{USERS}/1", 404) == (access["method"], access["path"], access["status"])
     assert isinstance(access["duration_ms"], float)
     assert "Shutting down: Master" == lines[-1]["message"]
-
-
-# --- Production: compose.yaml's initdb/ ----------------------------------------------------
-
-INITDB = HERE / "initdb"
-
-
-def schema_sql() -> str:
-    """initdb/01-schema.sql as it must be: the tables of models.py and their indexes, as MySQL DDL."""
-    dialect = mysql.dialect()
-    statements = []
-    for table in Base.metadata.sorted_tables:
-        statements.append(str(CreateTable(table).compile(dialect=dialect)).strip())
-        statements += [
-            str(CreateIndex(index).compile(dialect=dialect)).strip() for index in sorted(table.indexes, key=str)
-        ]
-    return (
-        "-- The tables, generated from models.py; do not edit (test_main.py checks it):\n"
-        "-- python -c 'import test_main as t; print(t.schema_sql(), end=\"\")' > initdb/01-schema.sql\n"
-        + "".join(f"{statement};\n" for statement in statements)
-    )
-
-
-def test_initdb_schema_is_generated_from_models() -> None:
-    """initdb/01-schema.sql is exactly the DDL SQLAlchemy generates from models.py for MySQL."""
-    assert schema_sql() == (INITDB / "01-schema.sql").read_text()
-
-
-async def test_initdb_creates_the_table_create_all_creates_and_the_demo_users() -> None:
-    """The initdb scripts, run as MySQL's entrypoint runs them, give create_all's tables and main.py's demo users."""
-    async with fresh_database("initdb") as by_initdb, fresh_database("create_all") as by_create_all:
-        engines = [create_async_engine(url, poolclass=NullPool) for url in (by_initdb, by_create_all)]
-        try:
-            async with engines[0].begin() as conn:
-                for script in sorted(INITDB.glob("*.sql")):
-                    for statement in script.read_text().split(";\n"):
-                        if statement.strip():
-                            await conn.exec_driver_sql(statement)
-                demo = (await conn.execute(select(User.email, User.name).order_by(User.id))).all()
-            async with engines[1].begin() as conn:
-                await conn.run_sync(Base.metadata.create_all)
-            tables = []
-            for engine in engines:
-                async with engine.connect() as conn:
-                    ddl = [(await conn.execute(text(f"SHOW CREATE TABLE {t}"))).one()[1] for t in Base.metadata.tables]
-                    tables.append([re.sub(r" AUTO_INCREMENT=\d+", "", d) for d in ddl])  # the next id is data
-        finally:
-            for engine in engines:
-                await engine.dispose()
-    assert tables[1] == tables[0]
-    assert main.DEMO_USERS == [tuple(row) for row in demo]
 
 
 # --- Production: the database unreachable, then back ---------------------------------------

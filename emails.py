@@ -120,21 +120,21 @@ LDH = r"A-Za-z0-9\-"  # what an ASCII host name label is made of, inside a class
 # ZWNJ and ZWJ: format characters, refused in a local part, but allowed by IDNA2008 in a host name
 # label in some contexts (RFC 5892, 2.7).
 JOINERS = "\u200c\u200d"
-# The pattern leaves the private-use planes 15 and 16 to the description, as it does unassigned
-# code points: a generator that draws from the pattern (hypothesis, schemathesis) walks every code
-# point its classes name, and these would be most of them.
-PLANE_15 = 0xF0000
+# The pattern's classes name the Basic Multilingual Plane only (unprintable_class says why); what
+# they would refuse beyond it, and unassigned code points, are left to the description.
+BMP_END = 0x10000
 
 
 @functools.cache
 def unprintable_class(but: str = "") -> str:
-    """Return the assigned non-ASCII characters below plane 15 that isprintable() refuses, as the inside of a class.
+    """Return the assigned non-ASCII characters of the BMP that isprintable() refuses, as the inside of a class.
 
-    BMP code points are written \\uXXXX and the others as themselves, the one spelling that both
-    ECMA-262 (with the "u" flag, as JSON Schema validators compile patterns) and Python's re read.
+    The BMP only, written \\uXXXX: a class reads alike in Python's re and in ECMA-262 with and
+    without the "u" flag (Spectral's schema check compiles patterns without it, where a character
+    beyond the BMP is two code units); the few such characters beyond it are left to the description.
     """
     ranges: list[tuple[int, int]] = []
-    for cp in range(0x80, PLANE_15):
+    for cp in range(0x80, BMP_END):
         c = chr(cp)
         # Surrogates stay out, so the pattern admits them: Rust's regex (jsonschema_rs's) cannot name
         # them, and UTF-8 cannot carry them.

@@ -118,14 +118,18 @@ HEADERS = {
     ),
     "WWW-Authenticate": header("The scheme the key is expected in.", type="string", const="Bearer"),
     "ETag": header(
-        "The user's current version, for If-Match.", type="string", maxLength=12, pattern=r'^"[1-9][0-9]{0,9}"$'
+        "The resource's current version, for If-Match and If-None-Match.",
+        type="string",
+        maxLength=12,
+        pattern=r'^"[1-9][0-9]{0,9}"$',
     ),
+    # Any collection's: 64 is what idempotency_keys.location keeps.
     "Location": header(
-        "The new user's URL.",
+        "The new resource's URL.",
         type="string",
         format="uri-reference",
-        maxLength=33,
-        pattern=r"^/api/v1/users/[1-9][0-9]{0,18}$",
+        maxLength=64,
+        pattern=r"^/api/v1/[a-z]+(/[a-z]+)*/[1-9][0-9]{0,18}$",
     ),
 }
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import create_engine, event, insert, make_url, text, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Message, Receive, Scope, Send
 
@@ -291,3 +291,18 @@ async def test_patch_without_if_match_on_a_row_that_keeps_changing_gives_up_with
     assert crud.UPDATE_TRIES == len(tries)
     assert 1 == after - before
     assert took < settings.db_timeout
+
+
+async def test_a_foreign_key_holds_on_sqlite_as_on_mariadb(engine: AsyncEngine) -> None:
+    """A row that names a parent that does not exist is refused by either database, not only by MariaDB."""
+    async with engine.connect() as conn:
+        await conn.execute(text("CREATE TABLE fk_parent (id INTEGER PRIMARY KEY)"))
+        await conn.execute(
+            text("CREATE TABLE fk_child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES fk_parent (id))")
+        )
+        try:
+            with pytest.raises(IntegrityError):
+                await conn.execute(text("INSERT INTO fk_child (id, parent_id) VALUES (1, 42)"))
+        finally:
+            await conn.execute(text("DROP TABLE fk_child"))
+            await conn.execute(text("DROP TABLE fk_parent"))

@@ -19,6 +19,7 @@ import uvloop
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from mariadb_pair import PRIMARY_SERVER_ID, MariaDBPair, program
 
@@ -387,9 +388,11 @@ async def test_a_paused_replica_answers_nothing_within_connect_timeout(pair: Mar
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5), replica.connect() as conn:
                 await conn.execute(text("SELECT 1"))
-        await replica.dispose()
+        # A new connection, from an engine of its own: closing the pooled one now would wait on
+        # the paused server too.
+        fresh = create_async_engine(pair.replica_url, poolclass=NullPool, connect_args={"connect_timeout": 1})
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(2), replica.connect() as conn:  # twice connect_timeout
+            async with asyncio.timeout(2), fresh.connect():  # twice connect_timeout
                 pass
     finally:
         pair.resume_replica()

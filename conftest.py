@@ -170,6 +170,16 @@ def service_env(folder: Path, **overrides: str) -> dict[str, str]:
     }
 
 
+async def migrate(env: dict[str, str], folder: Path) -> None:
+    """Run `alembic upgrade head` on the database of this environment, as a deploy does before the app starts."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "alembic", "-c", str(HERE / "alembic.ini"), "upgrade", "head",
+        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await process.communicate()
+    assert 0 == process.returncode, output.decode()
+
+
 class Server:
     """gunicorn with gunicorn.conf.py in production, as deployed, or uvicorn in development, as on a laptop.
 
@@ -213,12 +223,7 @@ class Server:
 
     async def migrate(self) -> None:
         """Run `alembic upgrade head` on the server's database, with its environment: compose's migrate service."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "alembic", "-c", str(HERE / "alembic.ini"), "upgrade", "head",
-            cwd=self.log_path.parent, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        output, _ = await process.communicate()
-        assert 0 == process.returncode, output.decode()
+        await migrate(self.env, self.log_path.parent)
 
     async def start(self) -> None:
         with self.log_path.open("wb") as log:

@@ -25,6 +25,7 @@ from conftest import (
     TcpProxy,
     assert_503_problem,
     assert_problem,
+    migrate,
     render,
     requests_counted,
     samples,
@@ -240,6 +241,7 @@ asyncio.run(run())
 async def test_tracing_gives_a_server_span_per_request_and_a_child_span_per_statement(tmp_path: Path) -> None:
     """With TELEMETRY=true: one server span named after the route, SQL spans under it, its trace id in the log line."""
     env = service_env(tmp_path, TELEMETRY="true", API_KEYS="")
+    await migrate(env, tmp_path)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", TRACING_SCRIPT, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

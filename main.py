@@ -445,7 +445,12 @@ def allowed_methods(scope: Scope) -> str:
 
 @app.exception_handler(RequestValidationError)
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"][:MAX_ERROR_MESSAGE]} for e in exc.errors()[:MAX_ERRORS]]
+    # Our validators' ValueErrors state the rule itself; pydantic's msg puts "Value error, " before it.
+    told = [
+        (e["loc"], str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"])
+        for e in exc.errors()[:MAX_ERRORS]
+    ]
+    errors = [{"loc": list(loc), "msg": msg[:MAX_ERROR_MESSAGE]} for loc, msg in told]
     return problem(422, "The request is not valid; see errors.", errors=errors)
 
 

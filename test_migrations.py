@@ -11,6 +11,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, closing, suppress
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, insert, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -309,22 +311,26 @@ async def test_upgrade_offline_prints_the_sql_of_an_empty_database(new_database:
 
 
 async def add_users(url: str, *emails: str) -> None:
+    """Insert users with these addresses as stored, keyed as the code before revision 0002 keyed them: str.lower()."""
     engine = create_async_engine(url, poolclass=NullPool)
     now = datetime.now(UTC)
     try:
         async with engine.begin() as conn:
-            for email in emails:
-                await conn.execute(
-                    insert(User).values(
-                        email=email,
-                        email_key=email,
-                        name=email,
-                        is_active=True,
-                        created_at=now,
-                        updated_at=now,
-                        version=1,
-                    )
-                )
+            await conn.execute(
+                insert(User),
+                [
+                    {
+                        "email": email,
+                        "email_key": email.lower(),
+                        "name": email[:100],
+                        "is_active": True,
+                        "created_at": now,
+                        "updated_at": now,
+                        "version": 1,
+                    }
+                    for email in emails
+                ],
+            )
     finally:
         await engine.dispose()
 
@@ -401,6 +407,89 @@ async def test_an_upgrade_waits_while_another_runs_on_mariadb(tmp_path: Path) ->
 
     assert 0 == code, output
     assert "Running upgrade  -> 0001" in output
+
+
+# --- Addresses stored before revision 0002 ------------------------------------------------
+
+# Rows as the code before revision 0002 stored them (the address as sent, keyed by str.lower()),
+# with ids 1 to 10, and each one's email, key and version after `alembic upgrade head`.
+STORED_BEFORE = [
+    ("ada@example.com", ("ada@example.com", "ada@example.com", 1)),  # one spelling already: untouched
+    ("Zoe\u0308@example.com", ("Zo\u00eb@example.com", "zo\u00eb@example.com", 2)),  # NFD
+    ("ada@xn--exmple-cua.com", ("ada@ex\u00e4mple.com", "ada@ex\u00e4mple.com", 2)),  # an A-label
+    ("Grace@EXAMPLE.org", ("Grace@example.org", "grace@example.org", 2)),  # an upper-case host name
+    # One address twice, NFD and with an A-label: the older has it, the other is left as it was.
+    ("Jose\u0301@exa\u0308mple.com", ("Jos\u00e9@ex\u00e4mple.com", "jos\u00e9@ex\u00e4mple.com", 2)),
+    ("Jos\u00e9@xn--exmple-cua.com", ("Jos\u00e9@xn--exmple-cua.com", "jos\u00e9@xn--exmple-cua.com", 1)),
+    # One address twice, the younger in its one spelling already: it keeps the key, the older is left.
+    ("Rene\u0301e@example.com", ("Rene\u0301e@example.com", "rene\u0301e@example.com", 1)),
+    ("Ren\u00e9e@example.com", ("Ren\u00e9e@example.com", "ren\u00e9e@example.com", 1)),
+    # Refused now: a right-to-left host name with a label that breaks RFC 5893's Bidi Rule.
+    (
+        "ada@\u05e9\u05dc\u05d5\u05dd.0.com",
+        ("ada@\u05e9\u05dc\u05d5\u05dd.0.com", "ada@\u05e9\u05dc\u05d5\u05dd.0.com", 1),
+    ),
+    # J̌ has no composed form, but its lower case has: the key alone changes, and the version does not.
+    ("J\u030cane@example.com", ("J\u030cane@example.com", "\u01f0ane@example.com", 1)),
+]
+
+
+async def test_addresses_stored_before_are_rewritten_in_their_one_spelling(
+    new_database: NewDatabase, tmp_path: Path
+) -> None:
+    """Revision 0002 stores each address as emails.py does now; rows that are now one address, or refused, are left."""
+    url = await new_database("spellings")
+    await upgrade(url, tmp_path, to="0001")
+    await add_users(url, *(email for email, _ in STORED_BEFORE))
+
+    code, output = await alembic(url, "upgrade", "head", folder=tmp_path)
+
+    assert 0 == code, output
+    rows = await rows_of(url, "SELECT id, email, email_key, version, updated_at > created_at FROM users ORDER BY id")
+    expected = [(n, *after, after[2] > 1) for n, (_, after) in enumerate(STORED_BEFORE, 1)]
+    assert expected == [(id_, email, key, version, bool(later)) for id_, email, key, version, later in rows]
+    for warning in (
+        "users 5, 6 are one address now: user 5 has it",
+        "users 7, 8 are one address now: user 8 has it",
+        "left as they are, as the service now refuses their addresses: users 9",
+        "5 users rewritten",
+    ):
+        assert warning in output
+    code, output = await alembic(url, "check", folder=tmp_path)
+    assert 0 == code, output
+
+
+async def test_rows_whose_new_key_is_held_by_a_row_that_cannot_be_converted_are_left(
+    new_database: NewDatabase, tmp_path: Path
+) -> None:
+    """A refused row written with another address's key by hand: that address's rows keep theirs, and are logged."""
+    url = await new_database("held")
+    await upgrade(url, tmp_path, to="0001")
+    refused, decomposed = "ada@\u05e9\u05dc\u05d5\u05dd.0.com", "Zoe\u0308@example.com"
+    await add_users(url, refused, decomposed)
+    await on(url, "UPDATE users SET email_key = 'zo\u00eb@example.com' WHERE id = 1")
+
+    code, output = await alembic(url, "upgrade", "head", folder=tmp_path)
+
+    assert 0 == code, output
+    assert [(1, refused, "zo\u00eb@example.com"), (2, decomposed, decomposed.lower())] == await rows_of(
+        url, "SELECT id, email, email_key FROM users ORDER BY id"
+    )
+    assert "users 2: their address's new key is held by user 1, which cannot be converted" in output
+    assert "0 users rewritten" in output
+
+
+async def test_rewrite_reaches_every_row_across_batches(new_database: NewDatabase, tmp_path: Path) -> None:
+    """More rows than a batch, each stored decomposed: every one is rewritten in NFC, and none is missed."""
+    url = await new_database("batches")
+    await upgrade(url, tmp_path, to="0001")
+    count = 2 * ScriptDirectory.from_config(schema.alembic_config()).get_revision("0002").module.BATCH + 345
+    await add_users(url, *(unicodedata.normalize("NFD", f"us\u00e9r{n}@ex\u00e4mple.com") for n in range(count)))
+
+    await upgrade(url, tmp_path)
+
+    rows = await rows_of(url, "SELECT email, email_key FROM users ORDER BY id")
+    assert [(f"us\u00e9r{n}@ex\u00e4mple.com",) * 2 for n in range(count)] == rows
 
 
 # --- The code and the database's revision --------------------------------------------------

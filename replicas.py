@@ -1,23 +1,20 @@
-"""Reads from MariaDB replicas, and read-your-writes through a Consistency-Token (API.md, "Replicas ...").
+"""GETs read from MariaDB replicas, with read-your-writes by a Consistency-Token (API.md, "Replicas ...").
 
-It owns the replicas' engines; a check in each worker, every CHECK_INTERVAL, that measures each
-replica's lag and keeps a replica out of rotation while it lags past REPLICA_MAX_LAG or does not
-answer; the choice of a replica for a GET; the token: its format, its parsing, and the wait for it
-on a replica (MASTER_GTID_WAIT); and the fallback to the primary, within the request, when a
-replica fails. Without DATABASE_REPLICA_URLS none of that runs: a write's token is a constant, a
-GET reads from the primary, and no round trip is added anywhere.
+It owns the replicas' engines; each worker's check, every CHECK_INTERVAL, of each replica's lag,
+which keeps a replica out of rotation while it lags past REPLICA_MAX_LAG or does not answer; the
+choice of a replica for a read; the token's format, parsing and wait (MASTER_GTID_WAIT); and the
+fallback to the primary, within the request, when a replica fails. Without DATABASE_REPLICA_URLS
+a write's token is a constant and every read goes to the primary: no round trip is added.
 
-The token is `1.<deployment>.<position>`: the format's version; 12 hex digits of a digest of the
-primary's host, port and database (never its credentials), so that every container of a
-deployment makes and recognises the same tokens with no state shared, and another deployment's
-token is answered from the primary; and the primary's @@gtid_binlog_pos just after the write, or
-`none` where it was not read (no replicas then). MASTER_GTID_WAIT alone cannot tell deployments
-apart: it compares sequence numbers per replication domain, and every MariaDB starts in domain 0.
+The token is `1.<deployment>.<position>`: the format; a digest of the primary's host, port and
+database (never its credentials), the same in every container of a deployment with no state
+shared, and another in another deployment, whose tokens are then read from the primary (alone,
+MASTER_GTID_WAIT cannot tell: it compares sequence numbers, and every MariaDB starts in domain 0);
+and the primary's @@gtid_binlog_pos just after the write, or `none` where it was not read.
 
-The lag is measured by GTID, which needs no privilege (SHOW REPLICA STATUS needs SLAVE MONITOR, and
-its Seconds_Behind_Master is NULL whenever a replication thread is stopped): each check notes the
-primary's position and when it was first seen there; a replica's lag is how long ago the primary
-was first seen at a position the replica has not applied, 0 when it has applied them all.
+The lag is measured by GTID, which needs no privilege (SHOW REPLICA STATUS needs SLAVE MONITOR,
+and its Seconds_Behind_Master is NULL while a replication thread is stopped): how long ago the
+primary was first seen at a position the replica has not applied; 0 when it has applied them all.
 """
 
 import asyncio
@@ -28,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Annotated, Concatenate, NamedTuple, ParamSpec, TypeVar
 
@@ -77,10 +73,14 @@ POSITION = text("SELECT @@gtid_binlog_pos")
 REPLICA_STATE = text("SELECT @@gtid_slave_pos, VERSION()")
 GTID_WAIT = text("SELECT MASTER_GTID_WAIT(:position, :seconds)")
 
+# Where a read went instead of a replica: no position to wait for or not applied in time; the replica failed.
+FALLBACKS = ("primary_token", "primary_fallback")
 P = ParamSpec("P")
 T = TypeVar("T")
 # A connection to the primary, lent for as long as the `async with` lasts (main.connect()).
 Lend = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+# A read: crud.get_row, crud.get_page, run on the connection given first.
+Work = Callable[Concatenate[AsyncConnection, P], Awaitable[T]]
 
 
 class Token(NamedTuple):
@@ -126,22 +126,29 @@ def refuse_unless_mariadb(version: str) -> None:
     """Stop the start when DATABASE_URL's server is not MariaDB: replicas are read and waited on by MariaDB's GTIDs."""
     if "MariaDB" not in version:
         raise RuntimeError(
-            f"DATABASE_REPLICA_URLS needs MariaDB, and DATABASE_URL's server is {version} (MySQL): the service "
-            "reads replicas by MariaDB's GTIDs (MASTER_GTID_WAIT), and MySQL's (WAIT_FOR_EXECUTED_GTID_SET) "
-            "is not supported, as it cannot be tested here. Leave DATABASE_REPLICA_URLS empty"
+            f"DATABASE_REPLICA_URLS needs MariaDB, and DATABASE_URL's server is {version} (MySQL): replicas are "
+            "waited on by MariaDB's GTIDs; MySQL's (WAIT_FOR_EXECUTED_GTID_SET) is not supported, as no test here "
+            "can run it. Leave DATABASE_REPLICA_URLS empty"
         )
 
 
-@dataclass(eq=False)
 class Replica:
-    """One replica, and what this worker's checks found of it."""
+    """One replica: its engine, and what this worker's checks found of it."""
 
-    name: str
-    engine: AsyncEngine
-    in_rotation: bool = False
-    out_because: str | None = "not checked yet"
-    # Its @@gtid_slave_pos at the last check it answered.
-    applied: dict[int, int] = field(default_factory=dict)
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.name = f"{make_url(url).host}:{make_url(url).port or 3306}"
+        self.engine = create_engine(
+            url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            recycle=settings.db_pool_recycle,
+            pool_timeout=REPLICA_TIMEOUT,
+            timeout=REPLICA_TIMEOUT,
+            name=f"replica {self.name}",
+        )
+        self.in_rotation = False
+        self.out_because: str | None = "not checked yet"
+        self.applied: dict[int, int] = {}  # its @@gtid_slave_pos, at the last check it answered
 
 
 class NotApplied(Exception):
@@ -157,29 +164,15 @@ class Replicas:
         # The token of a write whose position was not read: its reads go to the primary.
         self.no_position = f"1.{self.deployment}.none"
         self.wait, self.max_lag = settings.replica_wait, settings.replica_max_lag
-        self.replicas = []
-        for secret in settings.database_replica_urls:
-            url = make_url(secret.get_secret_value())
-            name = f"{url.host}:{url.port or 3306}"
-            engine = create_engine(
-                secret.get_secret_value(),
-                pool_size=settings.db_pool_size,
-                max_overflow=settings.db_max_overflow,
-                recycle=settings.db_pool_recycle,
-                pool_timeout=REPLICA_TIMEOUT,
-                timeout=REPLICA_TIMEOUT,
-                name=f"replica {name}",
-            )
-            self.replicas.append(Replica(name, engine))
+        self.replicas = [Replica(url.get_secret_value(), settings) for url in settings.database_replica_urls]
         self.engines = {f"replica {replica.name}": replica.engine for replica in self.replicas}
         # When the primary was first seen at each position, oldest first; see the module's docstring.
         self.positions: deque[tuple[float, dict[int, int]]] = deque(maxlen=KEPT_POSITIONS)
         self.turn = itertools.count()
         self.checking: asyncio.Task[None] | None = None
         self.primary_failing = False
-        # Bound once, in the worker: gunicorn's master, which imports the metrics too, writes none.
-        self.served_by = {where: DB_READS.labels(where).inc for where in ("replica", "primary", "primary_token")}
-        self.served_by["primary_fallback"] = DB_READS.labels("primary_fallback").inc
+        # Bound here, in the worker: gunicorn's master, which imports the metrics too, writes none.
+        self.count = {where: DB_READS.labels(where).inc for where in ("replica", "primary", *FALLBACKS)}
 
     async def start(self) -> None:
         """Refuse a primary that is not MariaDB; check the replicas, then again every CHECK_INTERVAL."""
@@ -233,7 +226,8 @@ class Replicas:
     def take_out(self, replica: Replica, because: str, detail: object = "") -> None:
         """No more reads for the replica until a check finds it answering, and lagging at most REPLICA_MAX_LAG."""
         if replica.out_because != because:
-            log.warning("replica %s is out of rotation: %s %s", replica.name, because, detail)
+            detail = f"{type(detail).__name__}: {detail}" if isinstance(detail, Exception) else detail
+            log.warning("replica %s is out of rotation: %s (%s)", replica.name, because, detail)
         replica.in_rotation, replica.out_because = False, because
         DB_REPLICA_IN_ROTATION.labels(replica.name).set(0)
 
@@ -270,7 +264,7 @@ class Replicas:
             async with asyncio.timeout(REPLICA_TIMEOUT), replica.engine.connect() as conn:
                 applied, version = (await conn.execute(REPLICA_STATE)).one()
         except (DBAPIError, TimeoutError, PoolTimeoutError) as exc:
-            self.take_out(replica, "it does not answer", f"({type(exc).__name__}: {exc})")
+            self.take_out(replica, "it does not answer", exc)
             answered = False
         else:
             if "MariaDB" not in version:
@@ -283,7 +277,7 @@ class Replicas:
         if not answered:
             return
         if lag > self.max_lag:
-            self.take_out(replica, f"it lags more than REPLICA_MAX_LAG ({self.max_lag} s)", f"({lag:.1f} s)")
+            self.take_out(replica, f"it lags more than REPLICA_MAX_LAG ({self.max_lag} s)", f"{lag:.1f} s")
         elif replica.out_because is not None:
             log.info("replica %s is in rotation (lag %.2f s)", replica.name, lag)
             replica.in_rotation, replica.out_because = True, None
@@ -296,55 +290,46 @@ class Read:
     def __init__(self, replicas: Replicas, primary: Lend, token: Token | None) -> None:
         self.replicas, self.primary, self.token = replicas, primary, token
 
-    async def __call__(
-        self, work: Callable[Concatenate[AsyncConnection, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
+    async def __call__(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """work(conn, ...) on a replica, or on the primary; if the replica fails meanwhile, again on the primary.
 
         A read runs again as a whole: it writes nothing, so running it twice is safe.
         """
-        replicas = self.replicas
+        replicas, token = self.replicas, self.token
         if replicas.replicas:
-            served_by = "primary"
             replica = replicas.choose()
-            if self.token is not None and (self.token.deployment != replicas.deployment or not self.token.position):
-                replica, served_by = None, "primary_token"  # no position these replicas could wait for
-            if replica is not None:
+            if token is not None and (token.deployment != replicas.deployment or token.position is None):
+                where = "primary_token"  # no position these replicas could wait for
+            elif replica is None:
+                where = "primary"
+            else:
                 try:
                     result = await self.on_replica(replica, work, *args, **kwargs)
                 except HTTPException:  # the read's own answer (404): served
-                    replicas.served_by["replica"]()
+                    replicas.count["replica"]()
                     raise
                 except NotApplied:
-                    served_by = "primary_token"
+                    where = "primary_token"
                 except PoolTimeoutError:  # every connection to it busy: no sign that it is out
-                    served_by = "primary_fallback"
+                    where = "primary_fallback"
                 except (DBAPIError, TimeoutError) as exc:
-                    replicas.take_out(replica, "it failed a read", f"({type(exc).__name__}: {exc})")
-                    served_by = "primary_fallback"
+                    replicas.take_out(replica, "it failed a read", exc)
+                    where = "primary_fallback"
                 else:
-                    replicas.served_by["replica"]()
+                    replicas.count["replica"]()
                     return result
-            replicas.served_by[served_by]()
+            replicas.count[where]()
         async with self.primary() as conn:
             return await work(conn, *args, **kwargs)
 
-    async def on_replica(
-        self,
-        replica: Replica,
-        work: Callable[Concatenate[AsyncConnection, P], Awaitable[T]],
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
+    async def on_replica(self, replica: Replica, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """work(conn, ...) on the replica, once it has the token's write; NotApplied if not within REPLICA_WAIT."""
         token, wait = self.token, self.replicas.wait
         # Most tokens name a write the last check found applied already: no wait, no round trip.
-        must_wait = token is not None and not reached(replica.applied, token.sequences)
-        async with asyncio.timeout(REPLICA_TIMEOUT + (wait if must_wait else 0)), replica.engine.connect() as conn:
-            if must_wait:
-                assert token is not None
-                if await conn.scalar(GTID_WAIT, {"position": token.position, "seconds": wait}) != 0:
-                    raise NotApplied
+        position = token.position if token is not None and not reached(replica.applied, token.sequences) else None
+        async with asyncio.timeout(REPLICA_TIMEOUT + (wait if position else 0)), replica.engine.connect() as conn:
+            if position and await conn.scalar(GTID_WAIT, {"position": position, "seconds": wait}) != 0:
+                raise NotApplied
             return await work(conn, *args, **kwargs)
 
 

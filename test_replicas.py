@@ -33,6 +33,8 @@ from conftest import (
     assert_problem,
     new_user,
     recreate_tables,
+    samples,
+    scrape,
 )
 from mariadb_pair import MariaDBPair, program
 from replicas import MAX_TOKEN, TOKEN, deployment_of, refuse_unless_mariadb
@@ -413,6 +415,100 @@ async def test_a_replica_that_fails_during_a_read_is_read_from_the_primary_in_th
     assert seconds < DEADLINE
     # The check may have found it out first; then the read was routed to the primary without trying it.
     assert served("primary_fallback") - before in (0, 1)
+
+
+# --- Under gunicorn, under load -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def replicated_service(pair: MariaDBPair, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
+    """Gunicorn with gunicorn.conf.py, 2 workers, ENVIRONMENT=production, on the pair: GETs read its replica."""
+    await recreate_tables(pair.primary_url)
+    folder = tmp_path_factory.mktemp("replicated_service")
+    server = Server(folder, DATABASE_URL=pair.primary_url, DATABASE_REPLICA_URLS=pair.replica_url)
+    server.env["METRICS_KEYS"] = METRICS_KEY
+    async with server:
+        yield server
+
+
+async def figures(server: Server) -> dict[str, float]:
+    """From a scrape: reads by where they were served, and how many workers read from the replica now."""
+    text = await scrape(server)
+    found = {labels["served_by"]: value for name, labels, value in samples(text) if name == "db_reads_total"}
+    found["in_rotation"] = sum(value for name, _, value in samples(text) if name == "db_replica_in_rotation")
+    return found
+
+
+async def until_scraped(server: Server, condition: Any, within: float = 10.0) -> dict[str, float]:
+    """Scrape until condition(figures) holds; return those figures."""
+    deadline = time.monotonic() + within
+    while not condition(found := await figures(server)):
+        assert time.monotonic() < deadline, found
+        await asyncio.sleep(0.2)
+    return found
+
+
+async def get_by_id_under_load(server: Server, ids: list[int], stop: asyncio.Event) -> tuple[Counter[Any], float]:
+    """GET users by id from 16 clients at once until stop is set; the answers' statuses (or errors), the slowest."""
+    outcomes: Counter[Any] = Counter()
+    slowest = 0.0
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal slowest
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                outcomes[(await client.get(f"{USERS}/{ids[len(outcomes) % len(ids)]}")).status_code] += 1
+            except httpx.TransportError as exc:
+                outcomes[type(exc).__name__] += 1
+            slowest = max(slowest, time.monotonic() - started)
+
+    async with server.client(timeout=10) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(16)))
+    return outcomes, slowest
+
+
+@pytest.mark.parametrize("failure", ["killed", "paused"])
+async def test_a_replica_killed_or_paused_under_load_costs_no_error_and_gets_reads_again_once_back(
+    healthy_pair: MariaDBPair, replicated_service: Server, failure: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GETs by id under load while the replica is killed (or paused) and comes back: every answer 200 within 2 s.
+
+    The reads it failed went to the primary in the same request (primary_fallback); once it is
+    back, both workers put it in rotation again and it serves reads again.
+    """
+    server = replicated_service
+    async with server.client() as client:
+        ids = [(await created(client)).json()["id"] for _ in range(20)]
+    healthy_pair.wait_replica_caught_up()
+    before = await until_scraped(server, lambda found: found["in_rotation"] == 2)
+    stop = asyncio.Event()
+    load = asyncio.create_task(get_by_id_under_load(server, ids, stop))
+    await asyncio.sleep(1.5)
+    # In a thread, so that the load's clients, in this process, are not held up meanwhile.
+    await asyncio.to_thread(healthy_pair.kill_replica if failure == "killed" else healthy_pair.pause_replica)
+    await asyncio.sleep(3)
+    out = await figures(server)
+    await asyncio.to_thread(healthy_pair.restart_replica if failure == "killed" else healthy_pair.resume_replica)
+    back = await until_scraped(server, lambda found: found["in_rotation"] == 2)
+    await asyncio.sleep(1.5)
+    stop.set()
+    outcomes, slowest = await load
+    after = await figures(server)
+
+    def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        return {where: b.get(where, 0) - a.get(where, 0) for where in ("replica", "primary", "primary_fallback")}
+
+    report(
+        capsys,
+        f"replica {failure} under load: answers {dict(outcomes)}, slowest {slowest:.2f} s; reads served before "
+        f"and while {failure} {delta(before, out)}, after it was back {delta(back, after)}",
+    )
+    assert {200} == set(outcomes), outcomes
+    assert slowest < DEADLINE
+    assert 0 == out["in_rotation"]
+    assert out.get("primary_fallback", 0) > before.get("primary_fallback", 0)
+    assert after["replica"] > back["replica"]
 
 
 # --- Start -------------------------------------------------------------------------------------

@@ -53,8 +53,11 @@ KEPT_POSITIONS = 1000
 
 HEADER = "Consistency-Token"
 MAX_TOKEN = 256
-# One GTID: domain, server id (32-bit each) and sequence number (64-bit); parse_token() checks the
-# ranges, as MariaDB refuses a larger number (error 1941) and the token is checked before any SQL.
+# A token's form in the contract (API.md): anything else is 400; a token of this form that is not
+# one of this deployment's, or that MariaDB could not read, is read from the primary.
+OPAQUE = re.compile(r"[A-Za-z0-9._:,-]{1,256}")
+# One GTID: domain, server id (32-bit each) and sequence number (64-bit); the ranges, which a
+# pattern cannot say, parse_token() checks before any SQL.
 GTID = r"(?:0|[1-9][0-9]{0,9})-(?:0|[1-9][0-9]{0,9})-(?:0|[1-9][0-9]{0,19})"
 TOKEN = re.compile(rf"1\.([0-9a-f]{{12}})\.(none|{GTID}(?:,{GTID})*)")
 ConsistencyTokenHeader = Annotated[
@@ -64,7 +67,7 @@ ConsistencyTokenHeader = Annotated[
         description="The Consistency-Token of a write's answer, sent back unchanged: this read then "
         "sees that write, or a later state.",
         # Documented, not validated by FastAPI: a malformed token is 400 (API.md), not 422.
-        json_schema_extra={"pattern": f"^{TOKEN.pattern}$", "maxLength": MAX_TOKEN},
+        json_schema_extra={"pattern": f"^{OPAQUE.pattern}$", "maxLength": MAX_TOKEN},
     ),
 ]
 
@@ -90,19 +93,17 @@ class Token(NamedTuple):
 
 
 def parse_token(header: str) -> Token:
-    """The token a client sent back; 400 when it is not one this service makes."""
-    match = TOKEN.fullmatch(header) if len(header) <= MAX_TOKEN else None
-    sequences: dict[int, int] = {}
-    if match is not None and match[2] != "none":
-        for gtid in match[2].split(","):
-            domain, server, sequence = map(int, gtid.split("-"))
-            if domain >= 2**32 or server >= 2**32 or sequence >= 2**64 or domain in sequences:
-                match = None
-                break
-            sequences[domain] = sequence
-    if match is None:
-        raise HTTPException(400, f"A {HEADER} is sent back as a write's answer carried it, unchanged")
-    return Token(match[1], None if match[2] == "none" else match[2], sequences)
+    """The token a client sent back; 400 when it is not of the contract's form (OPAQUE)."""
+    if not OPAQUE.fullmatch(header):
+        raise HTTPException(400, f"A {HEADER} is 1 to 256 of A-Z a-z 0-9 - _ . : , as a write's answer carried it")
+    match = TOKEN.fullmatch(header)
+    gtids = [tuple(map(int, gtid.split("-"))) for gtid in match[2].split(",")] if match and match[2] != "none" else []
+    sequences = {domain: sequence for domain, _, sequence in gtids}
+    # Not a token this service makes, numbers past MariaDB's (MASTER_GTID_WAIT refuses them with
+    # error 1941), or a domain twice: no position to wait for, and never sent to a replica.
+    if match is None or len(sequences) < len(gtids) or any(d >= 2**32 or s >= 2**32 or n >= 2**64 for d, s, n in gtids):
+        return Token(match[1] if match else "", None, {})
+    return Token(match[1], match[2] if gtids else None, sequences)
 
 
 def sequences_of(position: str) -> dict[int, int]:

@@ -37,7 +37,7 @@ from conftest import (
     scrape,
 )
 from mariadb_pair import MariaDBPair, program
-from replicas import MAX_TOKEN, TOKEN, deployment_of, refuse_unless_mariadb
+from replicas import MAX_TOKEN, OPAQUE, TOKEN, deployment_of, refuse_unless_mariadb
 from settings import Settings, settings
 
 TOKEN_HEADER = "Consistency-Token"
@@ -214,52 +214,71 @@ async def test_a_token_from_another_deployment_is_read_from_the_primary(
     assert before + 2 == served("primary_token")
 
 
-def malformed_tokens() -> list[str]:
-    ours = f"1.{deployment_of(settings.database_url)}"
-    return [
-        "",
-        "garbage",
-        f"{ours}",
-        f"{ours}.",
-        f"{ours}.0-1",
-        f"{ours}.0-1-x",
-        f"{ours}.0-1-1,",
-        f"{ours}.0-1-1 ",
-        f"{ours}.00-1-1",
-        f"{ours}.0-1-18446744073709551616",  # one past the largest sequence number
-        f"{ours}.4294967296-1-1",  # one past the largest domain
-        f"{ours}.0-1-1,0-1-2",  # a domain twice
-        f"{ours}.{','.join(f'{d}-1-1' for d in range(40))}",  # over 256 characters
-        "2.0123456789ab.0-1-1",
-        "1.0123456789AB.0-1-1",
-        '"1.0123456789ab.0-1-1"',
-    ]
+# Not of the contract's form: 1 to 256 characters of A-Za-z0-9-_.:,
+# As bytes, as a client may send them: httpx would encode a str as ASCII.
+MALFORMED_TOKENS = [b"", b"a token", b"1.0123456789ab.0-1-1;", b'"1.0123456789ab.0-1-1"', b"caf\xe9", b"0" * 257]
 
 
-@pytest.mark.parametrize("token", malformed_tokens())
-async def test_a_malformed_token_is_400_with_replicas(replicated: dict[str, Any], token: str) -> None:
-    """A token that is not one the service makes is 400 problem+json, checked before any SQL (MariaDB's 1941)."""
+@pytest.mark.parametrize("token", MALFORMED_TOKENS)
+async def test_a_malformed_token_is_400_with_replicas(replicated: dict[str, Any], token: bytes) -> None:
+    """A token not of the contract's form is 400 problem+json, before any SQL."""
     async with asgi_client(replicated) as client:
-        answers = [await client.get(path, headers={TOKEN_HEADER: token}) for path in (USERS, f"{USERS}/1")]
+        answers = [await client.get(path, headers={TOKEN_HEADER.encode(): token}) for path in (USERS, f"{USERS}/1")]
 
     for answer in answers:
         assert TOKEN_HEADER in assert_problem(answer, 400)["detail"]
 
 
-@pytest.mark.parametrize("token", malformed_tokens()[:4])
-async def test_a_malformed_token_is_400_without_replicas(client: httpx.AsyncClient, token: str) -> None:
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage",
+        "0",
+        "2.{ours}.0-1-1",  # another version of the format
+        "1.{ours}",
+        "1.{ours}.0-1",
+        "1.{ours}.0-1-x",
+        "1.{ours}.00-1-1",
+        "1.{ours}.0-1-1,",
+        "1.{ours}.0-1-18446744073709551616",  # one past the largest sequence number: MariaDB's error 1941
+        "1.{ours}.4294967296-1-1",  # one past the largest domain
+        "1.{ours}.0-4294967296-1",  # one past the largest server id
+        "1.{ours}.0-1-1,0-1-2",  # a domain twice
+        "1.{ours}.4294967295-4294967295-18446744073709551615",  # the largest: waited for, in vain
+    ],
+)
+async def test_a_well_formed_token_no_replica_can_interpret_is_read_from_the_primary(
+    replicated: dict[str, Any], token: str
+) -> None:
+    """A token of the right form that is not one a replica can wait for never reaches MariaDB: the primary answers."""
+    async with asgi_client(replicated) as client:
+        user = await created(client)
+        before = served("primary_token")
+        token = token.format(ours=replicated["replicas"].deployment)
+        read = await client.get(user.headers["location"], headers={TOKEN_HEADER: token})
+
+    assert 200 == read.status_code, read.text
+    assert before + 1 == served("primary_token")
+
+
+@pytest.mark.parametrize("token", MALFORMED_TOKENS)
+async def test_a_malformed_token_is_400_without_replicas(client: httpx.AsyncClient, token: bytes) -> None:
     """Without replicas the header is checked all the same, so a client's mistake shows before replicas are added."""
-    answer = await client.get(f"{USERS}/1", headers={TOKEN_HEADER: token})
+    answer = await client.get(f"{USERS}/1", headers={TOKEN_HEADER.encode(): token})
 
     assert_problem(answer, 400)
 
 
-def test_the_token_pattern_admits_every_position_mariadb_can_write() -> None:
-    """The largest numbers a GTID holds, and many domains, within 256 characters, are a token; the schema says so."""
+def test_the_schema_documents_the_token_sent_and_the_form_accepted() -> None:
+    """Write answers declare the token's exact pattern; the GETs accept the contract's form of it, which is wider."""
     largest = f"1.{'f' * 12}.4294967295-4294967295-18446744073709551615"
-    assert TOKEN.fullmatch(largest)
-    schema = main.app.openapi()["components"]["headers"][TOKEN_HEADER]["schema"]
-    assert (MAX_TOKEN, f"^{TOKEN.pattern}$") == (schema["maxLength"], schema["pattern"])
+    assert TOKEN.fullmatch(largest) and OPAQUE.fullmatch(largest)
+    schema = main.app.openapi()
+    sent = schema["components"]["headers"][TOKEN_HEADER]["schema"]
+    assert (MAX_TOKEN, f"^{TOKEN.pattern}$") == (sent["maxLength"], sent["pattern"])
+    for path in (USERS, f"{USERS}/{{user_id}}"):
+        [accepted] = [p["schema"] for p in schema["paths"][path]["get"]["parameters"] if p["name"] == TOKEN_HEADER]
+        assert (MAX_TOKEN, "^[A-Za-z0-9._:,-]{1,256}$") == (accepted["maxLength"], accepted["pattern"])
 
 
 # --- Without replicas: a constant token, and not one round trip more ----------------------------

@@ -84,12 +84,8 @@ def scenarios(users: int) -> list[dict]:
 
 
 def seed(url: str, users: int) -> None:
-    """Create the database and table if missing; leave exactly users 1..N, drop earlier runs' creations."""
+    """Create the database and tables if missing; leave exactly users 1..N, drop earlier runs' creations."""
     import pymysql
-    from sqlalchemy import create_engine
-
-    sys.path.insert(0, str(ROOT))
-    from models import Base
 
     parts = urlsplit(url)
     db = parts.path.lstrip("/")
@@ -103,9 +99,10 @@ def seed(url: str, users: int) -> None:
     )
     with pymysql.connect(**connect) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    engine = create_engine(f"mysql+pymysql://{parts.netloc}/{db}?charset=utf8mb4")
-    Base.metadata.create_all(engine)
-    engine.dispose()
+    # The tables as a deploy makes them: gunicorn refuses to start on a database behind the code.
+    env = {**os.environ, "DATABASE_URL": f"mysql+aiomysql://{parts.netloc}/{db}"}
+    alembic = [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "upgrade", "head"]
+    subprocess.run(alembic, cwd=ROOT, env=env, check=True, capture_output=True)
     with pymysql.connect(database=db, **connect) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM users WHERE id > %s", (users,))
         cur.execute("TRUNCATE TABLE idempotency_keys")

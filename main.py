@@ -1,7 +1,8 @@
 """User records over HTTP: FastAPI in front of MySQL, MariaDB or SQLite.
 
 This file is the story of a request, in the order the request meets it:
-  1. settings, then the database: `ConnectionDep`, the pooled connection a route's work runs on
+  1. settings, then the database: `ConnectionDep`, the pooled connection a route's work runs on,
+     and `ReadDep`, a GET's reads, on a replica that has the client's writes or on the primary
   2. the lifespan: what each worker process starts, and stops again
   3. the app and its middleware: access log, rate limit, key check, size limits, in that order
   4. errors: every 4xx and 5xx as application/problem+json, 503 only for an outage

@@ -70,7 +70,9 @@ def drill(pair, server: Server, users: int, pause: bool) -> None:
         moved = []
         for i, server_ in enumerate((pair.primary, None if paused else pair.replica)):
             count = com_select(server_) if server_ is not None else None
-            moved.append("-" if count is None or counts[i] is None else str(count - counts[i]))
+            # A restarted server counts from 0 again.
+            since = None if count is None or counts[i] is None else count - counts[i] if count >= counts[i] else count
+            moved.append("-" if since is None else str(since))
             counts[i] = count if count is not None else counts[i]
         reads = "  ".join(f"{now[w] - last[w]:{len(w) if len(w) > 7 else 7}.0f}" for w in WHERE)
         print(f"{second:3d}  {reads}  {now['in_rotation']:13.0f}  {now['lag']:5.2f}  {'/'.join(moved)}", flush=True)

@@ -12,6 +12,7 @@ import logging
 import random
 import re
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from hashlib import blake2b
 from typing import Annotated, Any
@@ -27,6 +28,8 @@ from crud import broken_unique_constraint, table_of
 from database import read, set_isolation
 from models import IdempotencyKey as Kept
 from problems import problem
+from replicas import HEADER as CONSISTENCY_TOKEN
+from replicas import Replicas
 from settings import settings
 
 log = logging.getLogger("users.idempotency")
@@ -49,7 +52,9 @@ KEPT_ERRORS = {404, 409, 412}
 # The headers of an answer that are kept with it and replayed.
 KEPT_HEADERS = ("Location", "ETag")
 
-SELECT_KEPT = select(Kept.id, Kept.fingerprint, Kept.status, Kept.location, Kept.etag, Kept.body, Kept.created_at)
+SELECT_KEPT = select(
+    Kept.id, Kept.fingerprint, Kept.status, Kept.location, Kept.etag, Kept.body, Kept.consistency_token, Kept.created_at
+)
 SELECT_KEPT = SELECT_KEPT.where(Kept.owner == bindparam("owner"), Kept.key == bindparam("key"))
 INSERT_KEPT = insert(Kept)
 UPDATE_KEPT = update(Kept).where(Kept.id == bindparam("kept_id"))
@@ -80,13 +85,15 @@ async def answer_once(
     where = {"owner": request.state.key_owner, "key": match[1] or match[2]}
     asked_for = ASKED.encode([request.method, request.url.path, asked]).encode()
     fingerprint = blake2b(asked_for, digest_size=32).hexdigest()  # 64 hex digits, the column's width
+    replicas: Replicas = request.state.replicas
     kept = (await read(conn, SELECT_KEPT, where)).first()
     if kept is not None and kept.created_at > key_expiry():
-        return replay(kept, fingerprint)
+        return await replay(kept, fingerprint, conn, replicas)
 
     await conn.commit()  # ends the autocommit read, so the connection may leave autocommit
     # READ COMMITTED, so that PATCH's compare-and-swap sees each new version; SQLite has only this one.
     await set_isolation(conn, "SERIALIZABLE" if conn.dialect.name == "sqlite" else "READ COMMITTED")
+    answer: Response | None = None  # stays None if the claim loses
     try:
         # The transaction: the claim, the write and the answer kept, committed together.
         async with conn.begin():
@@ -103,7 +110,6 @@ async def answer_once(
             kept_answer = {"status": answer.status_code, "body": bytes(answer.body).decode()}
             kept_answer |= {name.lower(): answer.headers.get(name) for name in KEPT_HEADERS}
             await conn.execute(UPDATE_KEPT, {"kept_id": kept_id, **kept_answer})
-        return answer
     except IntegrityError as exc:
         if broken_unique_constraint(table_of(Kept), exc) != CLAIM:
             raise
@@ -111,13 +117,23 @@ async def answer_once(
     finally:
         if not conn.invalidated:  # back to autocommit, for the statements after this and the pool
             await set_isolation(conn, "AUTOCOMMIT")
+    if answer is not None:
+        if answer.status_code < 300:
+            # Read after the commit, which gives the write its GTID; kept for the replays, in a
+            # write of its own. Should that fail, the write is made all the same: the replays
+            # then name the primary's state as they find it, which includes it.
+            token = answer.headers[CONSISTENCY_TOKEN] = await replicas.token(conn)
+            if token != replicas.no_position:
+                with suppress(DBAPIError):
+                    await conn.execute(UPDATE_KEPT, {"kept_id": kept_id, "consistency_token": token})
+        return answer
     kept = (await read(conn, SELECT_KEPT, where)).first()
     if kept is None:
         raise HTTPException(409, "A request with this Idempotency-Key is still being processed; retry shortly")
-    return replay(kept, fingerprint)
+    return await replay(kept, fingerprint, conn, replicas)
 
 
-def replay(kept: Row[Any], fingerprint: str) -> Response:
+async def replay(kept: Row[Any], fingerprint: str, conn: AsyncConnection, replicas: Replicas) -> Response:
     """The answer kept with an Idempotency-Key, again; 422 if the key was sent with another request."""
     if kept.fingerprint != fingerprint:
         raise HTTPException(422, "This Idempotency-Key was sent with another request; a new request needs a new key")
@@ -126,6 +142,10 @@ def replay(kept: Row[Any], fingerprint: str) -> Response:
         headers["Location"] = kept.location
     if kept.etag:
         headers["ETag"] = kept.etag
+    if 200 <= kept.status < 300:
+        # None kept: no replicas then, or the first answer's token could not be kept; the primary's
+        # state now includes the write all the same.
+        headers[CONSISTENCY_TOKEN] = kept.consistency_token or await replicas.token(conn)
     media_type = "application/problem+json" if kept.status >= 400 else "application/json"
     return Response(kept.body, kept.status, headers, media_type=media_type)
 

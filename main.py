@@ -1,7 +1,8 @@
 """User records over HTTP: FastAPI in front of MySQL, MariaDB or SQLite.
 
 This file is the story of a request, in the order the request meets it:
-  1. settings, then the database: `ConnectionDep`, the pooled connection a route's work runs on
+  1. settings, then the database: `ConnectionDep`, the pooled connection a route's work runs on,
+     and `ReadDep`, a GET's reads, on a replica that has the client's writes or on the primary
   2. the lifespan: what each worker process starts, and stops again
   3. the app and its middleware: access log, rate limit, key check, size limits, in that order
   4. errors: every 4xx and 5xx as application/problem+json, 503 only for an outage
@@ -13,6 +14,7 @@ The machinery it calls sits beside it, a flat module per job, each importing onl
   database.py       engines, pool care, and whether an error is an outage (503) or a bug (500)
   crud.py           fetch, page, insert, compare-and-swap update, conditional delete, for any table
   idempotency.py    the Idempotency-Key store       ratelimit.py   GCRA in shared memory and in Redis
+  replicas.py       GETs read from MariaDB replicas, and the Consistency-Token of read-your-writes
   probes.py         /health, /livez, /readyz, SIGTERM   emails.py  an address's syntax and identity
   observability.py  metrics, /metrics, SQL traces   logs.py        the log, JSON in production
   openapi.py        what the document adds to FastAPI's   problems.py   RFC 9457 error answers
@@ -70,6 +72,7 @@ from probes import drain_on_sigterm
 from probes import router as probes
 from problems import MAX_ERROR_MESSAGE, MAX_ERRORS, MAX_HEADER_BYTES, MAX_HEADER_FIELDS, PHRASES, problem
 from ratelimit import RateLimiter
+from replicas import ConsistencyTokenHeader, Read, Replicas, stamp
 from settings import misspelt_variables, settings
 
 log = logging.getLogger("users")
@@ -141,6 +144,19 @@ observe_pool_wait = DB_POOL_WAIT.observe
 # scope="function": the connection goes back to the pool when the route returns, before the
 # response is sent to a client that may be slow to read it.
 ConnectionDep = Annotated[AsyncConnection, Depends(connect, scope="function")]
+lend = asynccontextmanager(connect)
+
+
+async def reads(request: Request, consistency_token: ConsistencyTokenHeader = None) -> Read:
+    """Route a GET's reads: to a replica that has the client's writes, else to the primary (replicas.py)."""
+    replicas: Replicas = request.state.replicas
+    return replicas.read(partial(lend, request), consistency_token)
+
+
+# `await read(crud.get_row, ...)` runs the read on a connection of its own, to a replica or the
+# primary, and runs it again on the primary if the replica fails meanwhile. Every write, and every
+# read a write makes, is on ConnectionDep's: the primary's.
+ReadDep = Annotated[Read, Depends(reads)]
 
 
 # --- Lifespan: what each worker process starts and stops ------------------------------------
@@ -177,6 +193,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     engine, probe_engine = create_engines()
     if settings.environment == "development":
         await add_demo_users(engine)
+    replicas = Replicas(settings, engine)  # none without DATABASE_REPLICA_URLS
+    await replicas.start()
     # Per worker, like the engines: a Redis connection belongs to this worker's event loop.
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     # RATE_LIMIT_TABLE is not a setting: gunicorn's master sets it for the workers it forks.
@@ -184,15 +202,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     limiter = RateLimiter(settings.rate_limit, settings.rate_limit_window, table, redis_url, settings.redis_key_prefix)
     await limiter.start()
     if settings.telemetry:
-        instrument_sql([engine, probe_engine])
+        instrument_sql([engine, probe_engine, *replicas.engines.values()])
     background = [
         asyncio.create_task(purge_expired_keys(engine)),
-        asyncio.create_task(sample_pools({"main": engine, "probe": probe_engine})),
+        asyncio.create_task(sample_pools({"main": engine, "probe": probe_engine, **replicas.engines})),
     ]
     try:
         yield {
             "engine": engine,
             "probe_engine": probe_engine,
+            "replicas": replicas,
             # One place per connection the pool may open; see connect() for why requests queue here.
             "pool_line": asyncio.Semaphore(settings.db_pool_size + settings.db_max_overflow),
             "rate_limiter": limiter,
@@ -203,6 +222,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await replicas.close()
         await engine.dispose()
         await probe_engine.dispose()
         log.info("database pool closed")
@@ -592,9 +612,9 @@ def decode_cursor(cursor: str) -> int:
     return int.from_bytes(urlsafe_b64decode(cursor + "="), "big", signed=True)
 
 
-@app.get(USERS, response_model=Page, **api_operation("users"))
+@app.get(USERS, response_model=Page, **api_operation("users", 400))
 async def list_users(
-    conn: ConnectionDep,
+    read: ReadDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, json_schema_extra={"format": "int32"})] = 20,
     cursor: Annotated[
         str | None,
@@ -602,8 +622,8 @@ async def list_users(
     ] = None,
 ) -> dict[str, Any]:
     """List users in ascending id order, one keyset page at a time."""
-    # One SELECT, in autocommit: no transaction.
-    users, last = await crud.get_page(conn, User, decode_cursor(cursor) if cursor else 0, limit)
+    # One SELECT, in autocommit: no transaction; on a replica or the primary.
+    users, last = await read(crud.get_page, User, decode_cursor(cursor) if cursor else 0, limit)
     return {"items": users, "next_cursor": encode_cursor(last) if last else None}
 
 
@@ -611,7 +631,7 @@ async def list_users(
     USERS,
     status_code=201,
     response_model=UserOut,
-    **api_operation("users", 400, 409, sends={201: ("ETag", "Location")}),
+    **api_operation("users", 400, 409, sends={201: ("ETag", "Location", "Consistency-Token")}),
 )
 async def create_user(
     new: UserCreate, conn: ConnectionDep, request: Request, idempotency_key: IdempotencyKeyHeader = None
@@ -626,20 +646,20 @@ async def create_user(
     # Without a key, no transaction: one INSERT, committed as it returns. With one,
     # answer_once() makes the key, the INSERT and the answer kept one transaction.
     if idempotency_key is None:
-        return await insert_user()
+        return await stamp(await insert_user(), conn, request)
     return await answer_once(conn, request, idempotency_key, new.model_dump(), insert_user)
 
 
 @app.get(
     f"{USERS}/{{user_id}}",
     response_model=UserOut,
-    **api_operation("users", 404, sends={200: ("ETag",), 304: ("ETag",)}),
+    **api_operation("users", 400, 404, sends={200: ("ETag",), 304: ("ETag",)}),
 )
 async def get_user(
-    user_id: UserId, conn: ConnectionDep, if_none_match: Annotated[str | None, if_none_match("Send it")] = None
+    user_id: UserId, read: ReadDep, if_none_match: Annotated[str | None, if_none_match("Send it")] = None
 ) -> Response:
     """Return one user, with its ETag; 304 with no body when If-None-Match names that ETag (or is `*`)."""
-    user = await crud.get_row(conn, User, user_id)  # one SELECT, in autocommit
+    user = await read(crud.get_row, User, user_id)  # one SELECT, in autocommit, on a replica or the primary
     if crud.Preconditions.of(None, if_none_match).refused(User, user):
         return Response(status_code=304, headers={"ETag": crud.etag(user)})
     return user_answer(user)
@@ -648,7 +668,7 @@ async def get_user(
 @app.patch(
     f"{USERS}/{{user_id}}",
     response_model=UserOut,
-    **api_operation("users", 400, 404, 409, 412, sends={200: ("ETag",)}),
+    **api_operation("users", 400, 404, 409, 412, sends={200: ("ETag", "Consistency-Token")}),
 )
 async def update_user(
     user_id: UserId,
@@ -672,22 +692,25 @@ async def update_user(
     # Without a key, no transaction: a read, then an UPDATE that is a compare-and-swap on the
     # version read, which needs none (crud.update_row). With one, answer_once()'s transaction.
     if idempotency_key is None:
-        return await apply_update()
+        return await stamp(await apply_update(), conn, request)
     asked_for = {**asked, "if_match": if_match, **({"if_none_match": if_none_match} if if_none_match else {})}
     return await answer_once(conn, request, idempotency_key, asked_for, lambda: apply_update(in_transaction=True))
 
 
-@app.delete(f"{USERS}/{{user_id}}", status_code=204, **api_operation("users", 404, 412))
+@app.delete(
+    f"{USERS}/{{user_id}}", status_code=204, **api_operation("users", 404, 412, sends={204: ("Consistency-Token",)})
+)
 async def delete_user(
     user_id: UserId,
     conn: ConnectionDep,
+    request: Request,
     if_match: Annotated[str | None, if_match("Delete")] = None,
     if_none_match: Annotated[str | None, if_none_match("Delete")] = None,
 ) -> Response:
     """Delete a user; with If-Match or If-None-Match, only if the user's version meets them."""
     # No transaction: one DELETE, conditional on the version, committed as it returns.
     await crud.delete_row(conn, User, user_id, crud.Preconditions.of(if_match, if_none_match))
-    return Response(status_code=204)
+    return await stamp(Response(status_code=204), conn, request)
 
 
 finish(app)

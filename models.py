@@ -84,5 +84,8 @@ class IdempotencyKey(Base):
     location: Mapped[str | None] = mapped_column(String(64))
     etag: Mapped[str | None] = mapped_column(String(32))
     body: Mapped[str] = mapped_column(Text)
+    # The Consistency-Token of a 2xx answer (replicas.py), written once the write has committed;
+    # NULL without replicas, where a replay's token, made again, is the same constant.
+    consistency_token: Mapped[str | None] = mapped_column(String(256))
     # Keys expire IDEMPOTENCY_TTL_HOURS after this; the index finds the expired ones to purge.
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -66,6 +66,27 @@ DB_UNAVAILABLE = Counter(
     ["cause"],
 )
 DB_INVALIDATED = Counter("db_connections_invalidated", "Connections the pool discarded as dead or unusable.", ["pool"])
+# Only with DATABASE_REPLICA_URLS set (replicas.py): without replicas every read is the primary's.
+DB_READS = Counter(
+    "db_reads",
+    "Reads of the GET routes, by where they were served: replica; primary (no replica in rotation); "
+    "primary_token (no replica had applied the Consistency-Token within REPLICA_WAIT, or it names none); "
+    "primary_fallback (the replica failed during the read).",
+    ["served_by"],
+)
+# livemax: each worker measures the lag on its own; the worst of them is the one that matters.
+DB_REPLICA_LAG = Gauge(
+    "db_replica_lag_seconds",
+    "How long the replica has been missing a write the primary has (0: it has them all), measured by GTID.",
+    ["replica"],
+    multiprocess_mode="livemax",
+)
+DB_REPLICA_IN_ROTATION = Gauge(
+    "db_replica_in_rotation",
+    "Workers that send reads to the replica now: 0 while it lags past REPLICA_MAX_LAG or does not answer.",
+    ["replica"],
+    multiprocess_mode="livesum",
+)
 UNAUTHORIZED = Counter(
     "http_unauthorized_responses", "401s for a missing or wrong bearer key, by the key's kind: api, metrics.", ["key"]
 )

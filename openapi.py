@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from pydantic import Field, TypeAdapter
 
 from problems import MAX_HEADER_BYTES, MAX_HEADER_FIELDS, PHRASES, Problem
+from replicas import MAX_TOKEN, TOKEN
 from settings import settings
 
 # What the document says of the service as a whole; main.py gives it to FastAPI.
@@ -122,6 +123,13 @@ HEADERS = {
         type="string",
         maxLength=12,
         pattern=r'^"[1-9][0-9]{0,9}"$',
+    ),
+    "Consistency-Token": header(
+        "The primary's state just after this write. Send it back on a GET (Consistency-Token) to read "
+        "this write or a later state, from a replica that has it or else from the primary. Opaque.",
+        type="string",
+        maxLength=MAX_TOKEN,
+        pattern=f"^{TOKEN.pattern}$",
     ),
     # Any collection's: 64 is what idempotency_keys.location keeps.
     "Location": header(

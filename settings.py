@@ -44,6 +44,17 @@ class Settings(BaseSettings):
     # together with the pool timeout it keeps every answer under 2 s when the database is gone.
     db_timeout: float = Field(default=1.0, gt=0)
 
+    # Comma-separated URLs of MariaDB replicas of DATABASE_URL (mysql+aiomysql://user:password@host:3306/users,
+    # passwords URL-encoded): GET /api/v1/users and /api/v1/users/{id} are read from them (replicas.py).
+    # Empty, the default: every read goes to DATABASE_URL, and no round trip is added anywhere.
+    # Secret: the URLs may carry passwords.
+    database_replica_urls: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Seconds a GET that sends a Consistency-Token waits for a replica to apply that write before
+    # it is read from the primary instead. At most 1, so that such a read still answers within 2 s.
+    replica_wait: float = Field(default=0.25, ge=0, le=1.0)
+    # Seconds a replica may lag behind the primary and still serve reads; past it, it gets none until it is back.
+    replica_max_lag: float = Field(default=1.0, gt=0)
+
     # The event loop of every worker: uvloop, the faster, or Python's own asyncio loop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
@@ -88,7 +99,7 @@ class Settings(BaseSettings):
             return {k: v for k, v in data.items() if k.upper() not in DEPLOYMENT_VARIABLES}
         return data
 
-    @field_validator("api_keys", "metrics_keys", "trusted_proxies", mode="before")
+    @field_validator("api_keys", "metrics_keys", "trusted_proxies", "database_replica_urls", mode="before")
     @classmethod
     def split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -101,6 +112,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "ENVIRONMENT=production needs API_KEYS (comma-separated bearer keys); "
                 "the service will not serve user data to anyone who can reach the port"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def replicas_need_mariadb(self) -> "Settings":
+        urls = [self.database_url, *(url.get_secret_value() for url in self.database_replica_urls)]
+        if self.database_replica_urls and any(url.startswith("sqlite") for url in urls):
+            raise ValueError(
+                "DATABASE_REPLICA_URLS needs MariaDB, for DATABASE_URL and every replica: SQLite has no "
+                "replication, so there is nothing a replica of it could serve. Leave DATABASE_REPLICA_URLS empty"
             )
         return self
 

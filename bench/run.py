@@ -11,7 +11,9 @@ against each, alternating the order each round. Absolute figures depend on the m
 whatever else runs on it; the ratios to the references are the result, the worker CPU per
 request over the floor's first. Needs `wrk` on PATH (Debian/Ubuntu: apt-get install wrk) and a
 MySQL-compatible server (BENCH_DATABASE_URL or --database-url; the database is created if missing).
-Everything it writes goes to bench/results/.
+Everything it writes goes to bench/results/. With --replica it starts a MariaDB primary and
+replica of its own (mariadb_pair.py) instead, and runs the service twice on them: against the
+primary alone, and with the replica (DATABASE_REPLICA_URLS), which its GETs are then read from.
 """
 
 import argparse
@@ -38,6 +40,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 BIN = Path(sys.executable).parent
 API_KEY = "bench-" + secrets.token_hex(8)
+METRICS_KEY = "bench-metrics-" + secrets.token_hex(8)
 
 # The reference apps, each a module in bench/ serving `app`, in the order of their ports and columns.
 REFERENCES = {
@@ -81,12 +84,8 @@ def scenarios(users: int) -> list[dict]:
 
 
 def seed(url: str, users: int) -> None:
-    """Create the database and table if missing; leave exactly users 1..N, drop earlier runs' creations."""
+    """Create the database and tables if missing; leave exactly users 1..N, drop earlier runs' creations."""
     import pymysql
-    from sqlalchemy import create_engine
-
-    sys.path.insert(0, str(ROOT))
-    from models import Base
 
     parts = urlsplit(url)
     db = parts.path.lstrip("/")
@@ -100,9 +99,10 @@ def seed(url: str, users: int) -> None:
     )
     with pymysql.connect(**connect) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    engine = create_engine(f"mysql+pymysql://{parts.netloc}/{db}?charset=utf8mb4")
-    Base.metadata.create_all(engine)
-    engine.dispose()
+    # The tables as a deploy makes them: gunicorn refuses to start on a database behind the code.
+    env = {**os.environ, "DATABASE_URL": f"mysql+aiomysql://{parts.netloc}/{db}"}
+    alembic = [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "upgrade", "head"]
+    subprocess.run(alembic, cwd=ROOT, env=env, check=True, capture_output=True)
     with pymysql.connect(database=db, **connect) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM users WHERE id > %s", (users,))
         cur.execute("TRUNCATE TABLE idempotency_keys")
@@ -142,7 +142,7 @@ class Server:
         # workers, keep-alive and timeouts. Command-line flags override the file.
         command += ["-c", str(config)] if config.exists() else ["-k", "uvicorn_worker.UvicornWorker"]
         command += ["-w", str(workers), "--bind", f"127.0.0.1:{port}", "--no-control-socket", app]
-        self.command = command
+        self.command, self.env = command, env
         self.log = open(log, "ab")  # noqa: SIM115 (open while the server runs; closed in stop())
         self.process = subprocess.Popen(command, cwd=source, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.workers = workers
@@ -388,6 +388,12 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory check")
     parser.add_argument("--skip-current", action="store_true", help="with --against: only those, not this folder")
     parser.add_argument(
+        "--replica",
+        action="store_true",
+        help="start a MariaDB primary and replica (mariadb_pair.py) instead of using --database-url, and run "
+        "this folder's service twice: on the primary alone, and reading from the replica too",
+    )
+    parser.add_argument(
         "--against",
         action="append",
         default=[],
@@ -413,7 +419,33 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_id = secrets.token_hex(3)
-    seed(args.database_url, args.users)
+    with contextlib.ExitStack() as stack:
+        pair = stack.enter_context(replica_pair()) if args.replica else None
+        if pair is not None:
+            args.database_url = pair.primary.url("bench", driver="pymysql")
+        seed(args.database_url, args.users)
+        if pair is not None:
+            pair.wait_replica_caught_up(within=300)
+        run(args, stamp, run_id, references, pair)
+
+
+@contextlib.contextmanager
+def replica_pair():
+    """A MariaDB primary and its replica (mariadb_pair.py), sized for the seeded users and every server's pools."""
+    sys.path.insert(0, str(ROOT))
+    from mariadb_pair import MariaDBPair
+
+    print("starting a MariaDB primary and replica ...", flush=True)
+    with MariaDBPair(database="bench") as pair:
+        for server in (pair.primary, pair.replica):
+            # The pair starts small, for tests; the seeded users and their index stay in memory here as
+            # on the machine's own server, and every target's pools fit.
+            server.query("SET GLOBAL innodb_buffer_pool_size = 268435456")
+            server.query("SET GLOBAL max_connections = 1000")
+        yield pair
+
+
+def run(args, stamp: str, run_id: str, references: list[str], pair) -> None:
     base_url = urlsplit(args.database_url)._replace(scheme="mysql").geturl()
 
     common = {
@@ -429,8 +461,14 @@ def main() -> None:
     sources.update({label: checkout(label, stamp) for label in args.against})
     servers: list[Server] = []
     try:
-        variants = [(label, source, driver) for label, source in sources.items() for driver in args.drivers.split(",")]
-        for i, (label, source, driver) in enumerate(variants):
+        variants = [
+            (label, source, driver, replica)
+            for label, source in sources.items()
+            for driver in args.drivers.split(",")
+            # The replica for this folder's service only: an older revision may not know the setting.
+            for replica in ([False, True] if pair is not None and not label else [False])
+        ]
+        for i, (label, source, driver, replica) in enumerate(variants):
             env = {
                 **common,
                 "ENVIRONMENT": "production",
@@ -440,9 +478,13 @@ def main() -> None:
                 "RATE_LIMIT": "100000000",
                 "LOG_LEVEL": "INFO",
             }
+            if replica:
+                env["DATABASE_REPLICA_URLS"] = pair.replica.url("bench", driver=driver)
+                env["METRICS_KEYS"] = METRICS_KEY  # for reads_served() at the end
             # The request log goes to stderr, as in a container; here it is redirected to a file.
-            name = f"ours{'@' + Path(label).name if label else ''}[{driver}]"
-            log = RESULTS / f"server{'-' + Path(label).name if label else ''}-{driver}-{stamp}.log"
+            tag = f"{'@' + Path(label).name if label else ''}{'+replica' if replica else ''}"
+            name = f"ours{tag}[{driver}]"
+            log = RESULTS / f"server{tag.replace('@', '-').replace('+', '-')}-{driver}-{stamp}.log"
             port = args.port + len(REFERENCES) + i
             servers.append(Server(name, "main:app", port, args.workers, env, log, source))
         # gunicorn.conf.py reads settings.py, and checks the database with DATABASE_URL, for the references too.
@@ -523,6 +565,8 @@ def main() -> None:
             profile = record_profile(ours[0], get, args.profile, stamp)
 
         report = render(args, stamp, plan, servers, runs, memory, profile)
+        if pair is not None:
+            report += "\n\n" + "\n".join(reads_served(s) for s in servers if "METRICS_KEYS" in s.env)
         print()
         print(report)
         (RESULTS / f"run-{stamp}.md").write_text(report)
@@ -573,6 +617,17 @@ def record_profile(server: Server, scenario: dict, seconds: float, stamp: str) -
         [sys.executable, str(HERE / "profile_summary.py"), str(out)], capture_output=True, text=True, check=True
     ).stdout
     return f"py-spy, {seconds:.0f} s of one worker under `get by id`, 32 connections ({out.name}):\n\n{summary}"
+
+
+def reads_served(server: Server) -> str:
+    """Where the server's GETs were read over the whole run, from its /metrics (db_reads_total)."""
+    request = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    served = re.findall(r'^db_reads_total\{served_by="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return f"{server.name}, GET reads over the whole run by where served: " + ", ".join(
+        f"{where} {float(count):,.0f}" for where, count in served
+    )
 
 
 def render(args, stamp, plan, servers, runs, memory, profile) -> str:

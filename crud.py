@@ -9,12 +9,13 @@ If-None-Match that does not hold, 503 for a row that kept changing under an upda
 """
 
 import re
+from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
-from fastapi import HTTPException
+from fastapi import Header, HTTPException, Query
 from sqlalchemy import (
     Delete,
     Insert,
@@ -138,15 +139,38 @@ async def get_row(conn: AsyncConnection, model: type[Base], row_id: int, *, retr
     return dict(row)
 
 
-async def get_page(conn: AsyncConnection, model: type[Base], after: int, limit: int) -> tuple[list[Row], int | None]:
-    """Read up to limit rows with ids above `after`, in id order; and the id to go on after, if more remain.
+async def get_page(
+    conn: AsyncConnection, model: type[Base], cursor: str | None, limit: int
+) -> tuple[list[Row], str | None]:
+    """Read up to limit rows after the cursor's, in id order; and the cursor of the next page, if more remain.
 
     Keyset pagination: the index on id finds the first row of any page at once, however deep.
     """
+    after = int.from_bytes(urlsafe_b64decode(cursor + "="), "big", signed=True) if cursor else 0
     # One more row than asked for says whether there is a next page.
     result = await read(conn, statements(model).page, {"after": after, "limit": limit + 1})
     rows = [dict(row) for row in result.mappings()]
-    return rows[:limit], rows[limit - 1]["id"] if len(rows) > limit else None
+    if len(rows) <= limit:
+        return rows, None
+    return rows[:limit], urlsafe_b64encode(rows[limit - 1]["id"].to_bytes(8, "big", signed=True)).decode().rstrip("=")
+
+
+# The opaque cursor: the last id's 8 bytes in URL-safe base64, unpadded; the pattern admits exactly
+# the strings get_page() decodes (8 bytes), so a malformed cursor is a 422 before any read.
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]$"
+# Enough for dozens of entity tags. Within it any value is taken: one that names no current
+# version is answered 412, malformed or not (API.md).
+MAX_IF_MATCH = 1024
+Cursor = Annotated[
+    str | None,
+    Query(max_length=11, pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
+]
+IfMatch = Annotated[
+    str | None, Header(max_length=MAX_IF_MATCH, description="Only if the resource's ETag is one of these (`*`: any).")
+]
+IfNoneMatch = Annotated[
+    str | None, Header(max_length=MAX_IF_MATCH, description="Only if the resource's ETag is none of these (`*`: none).")
+]
 
 
 async def insert_row(

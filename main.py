@@ -27,14 +27,13 @@ import os
 import re
 import secrets
 import time
-from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
@@ -510,11 +509,6 @@ UserId = Annotated[
     Path(ge=1, le=MAX_ID, description="A positive 64-bit integer.", json_schema_extra={"format": "int64"}),
     BeforeValidator(decimal_digits),
 ]
-# The opaque `next_cursor`: an id's 8 bytes in URL-safe base64, unpadded (encode_cursor below).
-CURSOR_PATTERN = r"^[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]$"
-# Enough for dozens of entity tags. Within it any value is taken: one that names no current
-# version is answered 412, malformed or not (API.md).
-MAX_IF_MATCH = 1024
 MAX_PAGE = 100  # the largest `limit` of GET /api/v1/users
 
 
@@ -568,18 +562,9 @@ class Page(BaseModel):
     items: list[UserOut] = bounds(maxItems=MAX_PAGE)
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page.",
-        json_schema_extra={"anyOf": [{"type": "string", "maxLength": 11, "pattern": CURSOR_PATTERN}, {"type": "null"}]},
-    )
-
-
-def if_match(action: str) -> Any:
-    """The If-Match header of a route that acts on one user, described for the document."""
-    return Header(max_length=MAX_IF_MATCH, description=f"{action} only if the user's ETag is one of these.")
-
-
-def if_none_match(action: str) -> Any:
-    return Header(
-        max_length=MAX_IF_MATCH, description=f"{action} only if the user's ETag is none of these (`*`: none)."
+        json_schema_extra={
+            "anyOf": [{"type": "string", "maxLength": 11, "pattern": crud.CURSOR_PATTERN}, {"type": "null"}]
+        },
     )
 
 
@@ -603,28 +588,16 @@ def user_answer(user: crud.Row, status: int = 200, **headers: str) -> Response:
     return Response(body, status, {"ETag": crud.etag(user), **headers}, media_type="application/json")
 
 
-def encode_cursor(last_id: int) -> str:
-    return urlsafe_b64encode(last_id.to_bytes(8, "big", signed=True)).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    # The pattern on the parameter admits exactly the strings this decodes (8 bytes).
-    return int.from_bytes(urlsafe_b64decode(cursor + "="), "big", signed=True)
-
-
 @app.get(USERS, response_model=Page, **api_operation("users", 400))
 async def list_users(
     read: ReadDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, json_schema_extra={"format": "int32"})] = 20,
-    cursor: Annotated[
-        str | None,
-        Query(max_length=11, pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
-    ] = None,
+    cursor: crud.Cursor = None,
 ) -> dict[str, Any]:
     """List users in ascending id order, one keyset page at a time."""
     # One SELECT, in autocommit: no transaction; on a replica or the primary.
-    users, last = await read(crud.get_page, User, decode_cursor(cursor) if cursor else 0, limit)
-    return {"items": users, "next_cursor": encode_cursor(last) if last else None}
+    users, next_cursor = await read(crud.get_page, User, cursor, limit)
+    return {"items": users, "next_cursor": next_cursor}
 
 
 @app.post(
@@ -655,9 +628,7 @@ async def create_user(
     response_model=UserOut,
     **api_operation("users", 400, 404, sends={200: ("ETag",), 304: ("ETag",)}),
 )
-async def get_user(
-    user_id: UserId, read: ReadDep, if_none_match: Annotated[str | None, if_none_match("Send it")] = None
-) -> Response:
+async def get_user(user_id: UserId, read: ReadDep, if_none_match: crud.IfNoneMatch = None) -> Response:
     """Return one user, with its ETag; 304 with no body when If-None-Match names that ETag (or is `*`)."""
     user = await read(crud.get_row, User, user_id)  # one SELECT, in autocommit, on a replica or the primary
     if crud.Preconditions.of(None, if_none_match).refused(User, user):
@@ -675,8 +646,8 @@ async def update_user(
     changes: UserUpdate,
     conn: ConnectionDep,
     request: Request,
-    if_match: Annotated[str | None, if_match("Update")] = None,
-    if_none_match: Annotated[str | None, if_none_match("Update")] = None,
+    if_match: crud.IfMatch = None,
+    if_none_match: crud.IfNoneMatch = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Change the given fields; with If-Match or If-None-Match, only if the user's version meets them."""
@@ -704,8 +675,8 @@ async def delete_user(
     user_id: UserId,
     conn: ConnectionDep,
     request: Request,
-    if_match: Annotated[str | None, if_match("Delete")] = None,
-    if_none_match: Annotated[str | None, if_none_match("Delete")] = None,
+    if_match: crud.IfMatch = None,
+    if_none_match: crud.IfNoneMatch = None,
 ) -> Response:
     """Delete a user; with If-Match or If-None-Match, only if the user's version meets them."""
     # No transaction: one DELETE, conditional on the version, committed as it returns.

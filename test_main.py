@@ -32,6 +32,7 @@ from sqlalchemy import insert, make_url, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+import crud
 import emails
 import idempotency
 import main
@@ -1879,8 +1880,8 @@ async def test_if_match_over_the_schemas_max_length_is_422_and_at_it_412(
     user = await create(client)
     tags = ", ".join(['"999999"'] * 200)
 
-    at_limit = tags[: main.MAX_IF_MATCH]
-    over = tags[: main.MAX_IF_MATCH + 1]
+    at_limit = tags[: crud.MAX_IF_MATCH]
+    over = tags[: crud.MAX_IF_MATCH + 1]
 
     path = f"{USERS}/{user['id']}"
     assert_problem(await client.request(method, path, json=body, headers={"If-Match": at_limit}), 412)

@@ -169,7 +169,7 @@ async def sample_pools(engines: dict[str, AsyncEngine]) -> None:
 
 def instrument_sql(engines: list[AsyncEngine]) -> None:
     """Trace each SQL statement as a child of the request's span (TELEMETRY=true)."""
-    # Installed by the deployment that turns TELEMETRY on (README.md, "Tracing"); the image
+    # Installed by the deployment that turns TELEMETRY on (README.md, "Metrics and tracing"); the image
     # without it does not need it. The engines given are traced through SQLAlchemy's public
     # cursor events; the instrumentor also wraps create_engine, as its design is.
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor

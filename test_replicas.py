@@ -502,8 +502,8 @@ async def test_a_replica_killed_or_paused_under_load_costs_no_error_and_gets_rea
 ) -> None:
     """GETs by id under load while the replica is killed (or paused) and comes back: every answer 200 within 2 s.
 
-    The reads it failed went to the primary in the same request (primary_fallback); once it is
-    back, both workers put it in rotation again and it serves reads again.
+    Meanwhile the reads go to the primary; once it is back, both workers put it in rotation again
+    and it serves reads again.
     """
     server = replicated_service
     async with server.client() as client:
@@ -535,7 +535,11 @@ async def test_a_replica_killed_or_paused_under_load_costs_no_error_and_gets_rea
     assert {200} == set(outcomes), outcomes
     assert slowest < DEADLINE
     assert 0 == out["in_rotation"]
-    assert out.get("primary_fallback", 0) > before.get("primary_fallback", 0)
+    # Read on the primary meanwhile: as a fallback when a read met the replica failing, or at once
+    # once a check had taken it out. Which of the two a run sees is timing (a kill is noticed by
+    # whichever meets it first); the exact fallback is pinned in process, above.
+    on_primary = delta(before, out)
+    assert on_primary["primary"] + on_primary["primary_fallback"] > 0, on_primary
     assert after["replica"] > back["replica"]
 
 

@@ -10,14 +10,16 @@ This file is the story of a request, in the order the request meets it:
   6. the entry point, `python main.py`
 
 The machinery it calls sits beside it, a flat module per job, each importing only those below it:
-  settings.py       the typed, frozen settings      models.py      the tables
+  settings.py       the typed, frozen settings        models.py      the tables
   database.py       engines, pool care, and whether an error is an outage (503) or a bug (500)
   crud.py           fetch, page, insert, compare-and-swap update, conditional delete, for any table
-  idempotency.py    the Idempotency-Key store       ratelimit.py   GCRA in shared memory and in Redis
+  idempotency.py    the Idempotency-Key store         ratelimit.py   GCRA in shared memory and in Redis
   replicas.py       GETs read from MariaDB replicas, and the Consistency-Token of read-your-writes
-  probes.py         /health, /livez, /readyz, SIGTERM   emails.py  an address's syntax and identity
-  observability.py  metrics, /metrics, SQL traces   logs.py        the log, JSON in production
-  openapi.py        what the document adds to FastAPI's   problems.py   RFC 9457 error answers
+  probes.py         /health, /livez, /readyz, SIGTERM  emails.py     an address's syntax and identity
+  observability.py  metrics, /metrics, SQL traces     logs.py        the log and the access line
+  openapi.py        what the document adds to FastAPI's
+  problems.py       RFC 9457 error answers, and the size limits on a request
+  schema.py         the schema's revision (Alembic's migrations/), and development's demo users
 """
 
 import asyncio
@@ -28,19 +30,18 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
-from datetime import UTC, datetime
+from contextlib import asynccontextmanager
+from datetime import datetime
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from opentelemetry import trace
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StringConstraints, field_validator
-from sqlalchemy import func, insert, select
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,9 +50,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import crud
 import emails
+import schema
 from database import create_engine, unavailable
 from idempotency import IdempotencyKeyHeader, answer_once, owner, purge_expired_keys
-from logs import configure_logging
+from logs import configure_logging, log_access
 from models import MAX_ID, User
 from observability import (
     DB_POOL_WAIT,
@@ -69,13 +71,12 @@ from observability import (
 from openapi import DOCUMENT, TRIMMED, api_operation, bounds, finish, not_null, problem_responses, trimmed
 from probes import drain_on_sigterm
 from probes import router as probes
-from problems import MAX_ERROR_MESSAGE, MAX_ERRORS, MAX_HEADER_BYTES, MAX_HEADER_FIELDS, PHRASES, problem
+from problems import MAX_ERROR_MESSAGE, MAX_ERRORS, PHRASES, SizeLimitMiddleware, problem
 from ratelimit import RateLimiter
 from replicas import ConsistencyTokenHeader, Read, Replicas, stamp
 from settings import misspelt_variables, settings
 
 log = logging.getLogger("users")
-access_log = logging.getLogger("users.access")
 
 
 # --- Database: the connection a route's work runs on ----------------------------------------
@@ -160,26 +161,6 @@ ReadDep = Annotated[Read, Depends(reads)]
 
 # --- Lifespan: what each worker process starts and stops ------------------------------------
 
-DEMO_USERS = [
-    ("ada@example.com", "Ada Lovelace"),
-    ("grace@example.com", "Grace Hopper"),
-    ("alan@example.com", "Alan Turing"),
-]
-
-
-async def add_demo_users(engine: AsyncEngine) -> None:
-    """Give an empty users table a few demo users (development only: production's start with none)."""
-    async with engine.connect() as conn:
-        if await conn.scalar(select(func.count()).select_from(User)) == 0:
-            now = datetime.now(UTC)
-            users = [
-                {"email": e, "email_key": emails.key(e), "name": n, "is_active": True, "version": 1}
-                for e, n in DEMO_USERS
-            ]
-            # Several workers may find the table empty at once; the unique index lets one seed it.
-            with suppress(IntegrityError):
-                await conn.execute(insert(User), [{**user, "created_at": now, "updated_at": now} for user in users])
-
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -191,7 +172,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         log.warning("!!! API_KEYS is empty: /api/v1 is open to anyone (development only) !!!")
     engine, probe_engine = create_engines()
     if settings.environment == "development":
-        await add_demo_users(engine)
+        await schema.add_demo_users(engine)
     replicas = Replicas(settings, engine)  # none without DATABASE_REPLICA_URLS
     await replicas.start()
     # Per worker, like the engines: a Redis connection belongs to this worker's event loop.
@@ -241,7 +222,7 @@ app = FastAPIOffline(
     redirect_slashes=False,
     lifespan=lifespan,
     # No max_body_size here: FastAPI's limit answers a too-large Content-Length in plain text,
-    # past every handler; SizeLimitMiddleware below answers it as a problem.
+    # past every handler; SizeLimitMiddleware (problems.py) answers it as a problem.
     telemetry=None if settings.telemetry else {"tracing": False, "metrics": False, "logs": False},
     **DOCUMENT,  # title, description, tags: openapi.py
 )
@@ -301,21 +282,9 @@ class AccessLogMiddleware:
             # The template of the route that answered, which Starlette's router puts in the scope.
             route = scope.get("route")
             scope["state"]["http_metrics"].count(scope["method"], route.path if route else UNROUTED, status, seconds)
-            self.log(scope, status, seconds, request_id.decode())
-
-    def log(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
-        method, path, milliseconds = scope["method"], scope["path"], round(seconds * 1000, 1)
-        if not path.isprintable():  # a decoded %0A would start a forged line in a plain-text log
-            path = path.encode("unicode_escape").decode("ascii")
-        line = f"{method} {path} {status} {milliseconds}ms {request_id}"
-        # The same as fields of their own, for a log pipeline that filters on them (logs.JsonFormatter).
-        fields = {"method": method, "path": path, "status": status, "duration_ms": milliseconds}
-        fields["request_id"] = request_id
-        if self.traced and (span := trace.get_current_span().get_span_context()).is_valid:
-            fields["trace_id"] = f"{span.trace_id:032x}"  # how logs and traces join up
-            line += f" trace_id={fields['trace_id']}"
-        # A scrape every few seconds would drown the requests' lines.
-        (access_log.debug if path == "/metrics" else access_log.info)(line, extra={"fields": fields})
+            # The trace this request is part of, if tracing is on (0: none), joins its line to its spans.
+            trace_id = trace.get_current_span().get_span_context().trace_id if self.traced else 0
+            log_access(scope["method"], scope["path"], status, seconds, request_id.decode(), trace_id)
 
 
 # For load balancers, orchestrators and Prometheus, which poll them on a schedule.
@@ -388,44 +357,9 @@ class KeyCheckMiddleware:
         await problem(401, f"{detail}: Authorization: Bearer <key>.", headers)(scope, receive, send)
 
 
-class SizeLimitMiddleware:
-    """Answer 431 to headers over MAX_HEADER_BYTES or MAX_HEADER_FIELDS, 413 to a body over MAX_BODY_SIZE.
-
-    Before any route runs, and without reading a body to the end.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.limit = settings.max_body_size
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = scope["headers"]
-        if len(headers) > MAX_HEADER_FIELDS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
-            detail = f"The request's headers are over {MAX_HEADER_BYTES} bytes or {MAX_HEADER_FIELDS} fields."
-            return await problem(431, detail)(scope, receive, send)
-        length = next((v for k, v in headers if k == b"content-length"), b"")
-        if length.isdigit() and int(length) > self.limit:
-            return await problem(413, f"The request body is larger than {self.limit} bytes.")(scope, receive, send)
-        received = 0
-
-        # A chunked body has no length up front: count it as the route reads it.
-        async def receive_with_limit() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                # Raised inside the route, so the HTTPException handler answers it.
-                raise HTTPException(413, f"The request body is larger than {self.limit} bytes.")
-            return message
-
-        await self.app(scope, receive_with_limit, send)
-
-
 # add_middleware puts each one outside the last: a request meets the access log first, then
 # the rate limit, which so counts requests without a valid key too (no guessing keys at speed).
-app.add_middleware(SizeLimitMiddleware)
+app.add_middleware(SizeLimitMiddleware, max_body_size=settings.max_body_size)
 app.add_middleware(KeyCheckMiddleware)
 app.add_middleware(RateLimitMiddleware)
 app.add_middleware(AccessLogMiddleware)
@@ -689,8 +623,6 @@ finish(app)
 
 if __name__ == "__main__":
     import uvicorn
-
-    import schema
 
     # A laptop's database has no deploy step to bring it to the code's revision first; production's has.
     if settings.environment == "development":

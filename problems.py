@@ -1,10 +1,15 @@
-"""RFC 9457 problem documents: how every 4xx and 5xx answer is built, and the schema that describes it."""
+"""RFC 9457 problem documents: how every 4xx and 5xx answer is built, and the schema that describes it.
+
+And the size limits on a request (SizeLimitMiddleware), answered 413 and 431 before any route runs.
+"""
 
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, NotRequired
 
+from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from typing_extensions import TypedDict  # pydantic reads typing's own only from Python 3.12 on
 
 from settings import settings
@@ -39,6 +44,41 @@ def problem(status: int, detail: str, headers: Mapping[str, str] | None = None, 
     """An RFC 9457 problem document."""
     body = {"type": "about:blank", "title": PHRASES.get(status, "Error"), "status": status, "detail": detail, **extra}
     return JSONResponse(body, status, headers, media_type="application/problem+json")
+
+
+class SizeLimitMiddleware:
+    """Answer 431 to headers over MAX_HEADER_BYTES or MAX_HEADER_FIELDS, 413 to a body over MAX_BODY_SIZE.
+
+    Before any route runs, and without reading a body to the end.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_size: int) -> None:
+        self.app = app
+        self.limit = max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = scope["headers"]
+        if len(headers) > MAX_HEADER_FIELDS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+            detail = f"The request's headers are over {MAX_HEADER_BYTES} bytes or {MAX_HEADER_FIELDS} fields."
+            return await problem(431, detail)(scope, receive, send)
+        length = next((v for k, v in headers if k == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await problem(413, f"The request body is larger than {self.limit} bytes.")(scope, receive, send)
+        received = 0
+
+        # A chunked body has no length up front: count it as the route reads it.
+        async def receive_with_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                # Raised inside the route, so the HTTPException handler answers it.
+                raise HTTPException(413, f"The request body is larger than {self.limit} bytes.")
+            return message
+
+        await self.app(scope, receive_with_limit, send)
 
 
 # TypedDicts, not models: a problem is the dict problem() builds, and NotRequired leaves a

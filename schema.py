@@ -2,16 +2,24 @@
 
 The revisions are Alembic's, in migrations/ (alembic.ini beside this file). Production brings a
 database to them with `alembic upgrade head`, a deploy step, and gunicorn.conf.py refuses to
-start on one that is behind; `python main.py` upgrades its own database (upgrade_to_head).
+start on one that is behind; `python main.py` upgrades its own database (upgrade_to_head), and a
+development worker gives an empty users table a few demo users (add_demo_users).
 """
 
+from contextlib import suppress
+from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+import emails
+from models import User
 
 UPGRADE = "alembic upgrade head"
 
@@ -54,3 +62,24 @@ def upgrade_to_head() -> None:
     config = alembic_config()
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")
+
+
+DEMO_USERS = [
+    ("ada@example.com", "Ada Lovelace"),
+    ("grace@example.com", "Grace Hopper"),
+    ("alan@example.com", "Alan Turing"),
+]
+
+
+async def add_demo_users(engine: AsyncEngine) -> None:
+    """Give an empty users table a few demo users (development only: production's start with none)."""
+    async with engine.connect() as conn:
+        if await conn.scalar(select(func.count()).select_from(User)) == 0:
+            now = datetime.now(UTC)
+            users = [
+                {"email": e, "email_key": emails.key(e), "name": n, "is_active": True, "version": 1}
+                for e, n in DEMO_USERS
+            ]
+            # Several workers may find the table empty at once; the unique index lets one seed it.
+            with suppress(IntegrityError):
+                await conn.execute(insert(User), [{**user, "created_at": now, "updated_at": now} for user in users])

@@ -37,6 +37,7 @@ import emails
 import idempotency
 import main
 import problems
+import schema
 from conftest import (
     HERE,
     KEYS,
@@ -103,7 +104,7 @@ async def test_development_start_adds_demo_users_to_an_empty_table(lifespan_stat
     async with asgi_client(lifespan_state) as client:
         response = await client.get(USERS)
 
-    assert [email for email, _ in main.DEMO_USERS] == [user["email"] for user in response.json()["items"]]
+    assert [email for email, _ in schema.DEMO_USERS] == [user["email"] for user in response.json()["items"]]
 
 
 # --- Email ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections import Counter
 # (label, pattern on "function (file:line)"); the first that matches a frame names it.
 PARTS = [
     # The json module serves only the log formatter: responses are serialized by pydantic-core.
-    ("logging (stdlib logging, JSON formatter)", r"\(logging/|JsonFormatter|\(json/"),
+    ("logging (stdlib logging, the access line, JSON formatter)", r"\(logging/|\(logs\.py|\(json/"),
     ("request ids for X-Request-ID", r"\(secrets\.py"),
     ("driver: aiomysql/asyncmy/pymysql, socket I/O to the database", r"\((aiomysql|asyncmy|pymysql)/"),
     ("SQLAlchemy pool: checkout, checkin, events", r"\(sqlalchemy/(pool|event)/|on_checkout|on_checkin"),
@@ -31,8 +31,9 @@ PARTS = [
         r"solve_dependencies|request_params_to_args|"
         r"\(fastapi/dependencies/|get_body",
     ),
-    ("our middleware (access log, API key, rate limit)", r"Middleware.*\(main\.py|LocalRateLimiter|send_with_"),
-    ("our route code", r"\(main\.py"),
+    ("our middleware (access log, API key, rate limit, size limits)", r"Middleware.*\((main|problems)\.py|send_with_"),
+    ("our rate limit's table and metrics", r"\((ratelimit|observability)\.py|\(prometheus_client/"),
+    ("our route code and the machinery it calls", r"\((main|crud|database|replicas|emails|idempotency)\.py"),
     ("responses (Starlette Response, headers)", r"\(starlette/(responses|datastructures)\.py"),
     ("routing and framework middleware (FastAPI, Starlette)", r"\((fastapi|starlette|anyio)/"),
     ("HTTP server: uvicorn, httptools, socket I/O to clients", r"\(uvicorn|\(httptools|\(uvloop"),

@@ -68,6 +68,3 @@ def configure_logging(environment: str, level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    # No format here names a record's thread or process: spare every record looking them up
-    # (the logging HOWTO, "Optimization"). A format that adds %(thread)d or %(process)d sets them back.
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

@@ -10,13 +10,13 @@ This file is the story of a request, in the order the request meets it:
   6. the entry point, `python main.py`
 
 The machinery it calls sits beside it, a flat module per job, each importing only those below it:
-  settings.py       the typed, frozen settings        models.py      the tables
+  settings.py       the typed, frozen settings         models.py      the tables
   database.py       engines, pool care, and whether an error is an outage (503) or a bug (500)
   crud.py           fetch, page, insert, compare-and-swap update, conditional delete, for any table
-  idempotency.py    the Idempotency-Key store         ratelimit.py   GCRA in shared memory and in Redis
+  idempotency.py    the Idempotency-Key store          ratelimit.py   GCRA in shared memory and in Redis
   replicas.py       GETs read from MariaDB replicas, and the Consistency-Token of read-your-writes
-  probes.py         /health, /livez, /readyz, SIGTERM  emails.py     an address's syntax and identity
-  observability.py  metrics, /metrics, SQL traces     logs.py        the log and the access line
+  probes.py         /health, /livez, /readyz, SIGTERM  emails.py      an address's syntax and identity
+  observability.py  metrics, /metrics, SQL traces      logs.py        the log and the access line
   openapi.py        what the document adds to FastAPI's
   problems.py       RFC 9457 error answers, and the size limits on a request
   schema.py         the schema's revision (Alembic's migrations/), and development's demo users

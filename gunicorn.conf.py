@@ -147,6 +147,8 @@ logconfig_dict = {
     "loggers": {
         "gunicorn.error": {"level": settings.log_level, "handlers": ["stderr"], "propagate": False},
         "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        # The schema check's Alembic says at INFO which of its plugins it loads, at every start.
+        "alembic.runtime.plugins": {"level": "WARNING"},
     },
 }
 
@@ -158,8 +160,13 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
     """Make the metrics directory; check the connection budget and the schema's revision; once, before fork."""
     prepare_metrics_directory(server)
-    # The master starts no event loop of its own; this one is closed again before any fork.
-    server.log.info(asyncio.run(prepare_database(server.cfg.workers)))
+    try:
+        # The master starts no event loop of its own; this one is closed again before any fork.
+        server.log.info(asyncio.run(prepare_database(server.cfg.workers)))
+    except RuntimeError as refusal:
+        # gunicorn would print it as a bare "Error:" line; logged, it is a line like all others (JSON in production).
+        server.log.error("%s", refusal)
+        raise SystemExit(1) from None
 
 
 async def prepare_database(worker_count: int) -> str:

@@ -7,6 +7,7 @@ test_main.py runs them.
 """
 
 import asyncio
+import json
 import re
 import sqlite3
 import subprocess
@@ -511,6 +512,8 @@ async def test_gunicorn_refuses_to_start_on_a_database_behind_the_code_and_says_
     log = server.log()
     print(log)
     assert 0 != code
+    refusal = next(json.loads(line) for line in log.splitlines() if "Run `alembic upgrade head`" in line)
+    assert "ERROR" == refusal["level"]  # a JSON line, as every line in production is
     assert f"the database schema is at {NO_REVISION}; the code needs revision {schema.head_revision()}" in log
     assert "Run `alembic upgrade head` first" in log
     assert "Booting worker" not in log

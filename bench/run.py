@@ -125,6 +125,30 @@ def seed(url: str, users: int) -> None:
         cur.fetchall()
 
 
+def check_connection_budget(url: str | None, workers: int, env: dict[str, str]) -> None:
+    """Stop before measuring if every target's pools together would not fit the server's max_connections.
+
+    Each target's workers hold their pools open between rounds; past the limit the server refuses
+    connections (1040), and the run would measure 503s. The pair (--replica) is raised already.
+    """
+    if url is None:
+        return
+    import pymysql
+
+    parts = urlsplit(url)
+    needed = workers * (int(env["DB_POOL_SIZE"]) + int(env["DB_MAX_OVERFLOW"]) + 1) + 10  # + 10: the seeding, a client
+    server = {"host": parts.hostname, "port": parts.port or 3306, "user": parts.username}
+    server["password"] = parts.password or ""
+    with pymysql.connect(**server) as conn, conn.cursor() as cur:
+        cur.execute("SELECT @@max_connections")
+        (limit,) = cur.fetchone()
+    if needed > limit:
+        raise SystemExit(
+            f"the servers' pools need up to {needed} connections and max_connections is {limit}: "
+            f"SET GLOBAL max_connections = {needed} (as root), or run fewer targets (--targets, --against)"
+        )
+
+
 # --- Servers -------------------------------------------------------------------------------
 
 
@@ -498,6 +522,7 @@ def run(args, stamp: str, run_id: str, references: list[str], pair) -> None:
             port = args.port + list(REFERENCES).index(name)
             log = RESULTS / f"{name}-{stamp}.log"
             servers.append(Server(name, f"{name}:app", port, args.workers, reference_env, log))
+        check_connection_budget(base_url if pair is None else None, len(servers) * args.workers, common)
         for server in servers:
             server.wait_ready()
         ours = [s for s in servers if s.name not in REFERENCES]

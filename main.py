@@ -17,8 +17,7 @@ The machinery it calls sits beside it, a flat module per job, each importing onl
   replicas.py       GETs read from MariaDB replicas, and the Consistency-Token of read-your-writes
   probes.py         /health, /livez, /readyz, SIGTERM  emails.py      an address's syntax and identity
   observability.py  metrics, /metrics, SQL traces      logs.py        the log and the access line
-  openapi.py        what the document adds to FastAPI's
-  problems.py       RFC 9457 error answers, and the size limits on a request
+  openapi.py        the OpenAPI document's additions   problems.py    RFC 9457 errors, request size limits
   schema.py         the schema's revision (Alembic's migrations/), and development's demo users
 """
 

@@ -10,7 +10,7 @@ If-None-Match that does not hold, 503 for a row that kept changing under an upda
 
 import re
 from base64 import urlsafe_b64decode, urlsafe_b64encode
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any, NamedTuple
@@ -131,18 +131,18 @@ def versions(tags: set[str]) -> list[int]:
     return [int(tag[1:-1]) for tag in tags if re.fullmatch(r'"[1-9][0-9]{0,17}"', tag)]
 
 
-def as_dict(result: CursorResult[Any], row: Sequence[Any]) -> Row:
-    """A row as a dict of its columns, zipped with the result's keys: cheaper than result.mappings() (bench/README)."""
-    return dict(zip(result.keys(), row, strict=True))
+def as_dicts(result: CursorResult[Any]) -> list[Row]:
+    """The result's rows as dicts of their columns, zipped with its keys: cheaper than .mappings() (bench/README)."""
+    keys = result.keys()
+    return [dict(zip(keys, row, strict=True)) for row in result]
 
 
 async def get_row(conn: AsyncConnection, model: type[Base], row_id: int, *, retry: bool = True) -> Row:
     """Read one row as a dict; 404 when there is none."""
-    result = await read(conn, statements(model).one, {"row_id": row_id}, retry=retry)
-    row = result.first()
-    if row is None:
+    rows = as_dicts(await read(conn, statements(model).one, {"row_id": row_id}, retry=retry))
+    if not rows:
         raise HTTPException(404, f"{model.__name__} {row_id} does not exist")
-    return as_dict(result, row)
+    return rows[0]
 
 
 async def get_page(
@@ -154,9 +154,7 @@ async def get_page(
     """
     after = int.from_bytes(urlsafe_b64decode(cursor + "="), "big", signed=True) if cursor else 0
     # One more row than asked for says whether there is a next page.
-    result = await read(conn, statements(model).page, {"after": after, "limit": limit + 1})
-    keys = result.keys()
-    rows = [dict(zip(keys, row, strict=True)) for row in result]
+    rows = as_dicts(await read(conn, statements(model).page, {"after": after, "limit": limit + 1}))
     if len(rows) <= limit:
         return rows, None
     return rows[:limit], urlsafe_b64encode(rows[limit - 1]["id"].to_bytes(8, "big", signed=True)).decode().rstrip("=")
@@ -273,10 +271,8 @@ async def delete_row(conn: AsyncConnection, model: type[Base], row_id: int, prec
     if deleted:
         return
     # The read after it only explains the miss; nothing is written after the DELETE.
-    result = await read(conn, statements(model).one, {"row_id": row_id})
-    if (row := result.first()) is not None:
-        refused = preconditions.refused(model, as_dict(result, row))
-        raise refused or HTTPException(412, f"{model.__name__} {row_id} has changed")
+    if rows := as_dicts(await read(conn, statements(model).one, {"row_id": row_id})):
+        raise preconditions.refused(model, rows[0]) or HTTPException(412, f"{model.__name__} {row_id} has changed")
     # Gone: this request's own first try may have deleted it, and then it succeeded.
     if not first_try_may_have_landed:
         raise HTTPException(404, f"{model.__name__} {row_id} does not exist")

@@ -518,10 +518,24 @@ async def test_a_request_begun_in_a_stopping_workers_idle_grace_gets_its_whole_a
 # --- Production: workers recycled under load --------------------------------------------
 
 WRK_COUNTS = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {} end
+function response(status, headers, body)
+   if status > 299 then statuses[status] = (statuses[status] or 0) + 1 end
+end
 function done(summary, latency, requests)
    local e = summary.errors
-   io.write(string.format('WRK_JSON {"requests":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\\n',
-      summary.requests, e.connect, e.read, e.write, e.status, e.timeout))
+   local seen = {}
+   for _, thread in ipairs(threads) do
+      for status, count in pairs(thread:get("statuses")) do seen[status] = (seen[status] or 0) + count end
+   end
+   local parts = {}
+   for status, count in pairs(seen) do table.insert(parts, string.format('"%d":%d', status, count)) end
+   io.write(string.format('WRK_JSON {"requests":%d,"connect":%d,"read":%d,"write":%d,"status":%d,', summary.requests,
+      e.connect, e.read, e.write, e.status))
+   io.write(string.format('"timeout":%d,"slowest_ms":%d,"statuses":{%s}}\\n', e.timeout, latency.max / 1000,
+      table.concat(parts, ",")))
 end
 """
 
@@ -533,15 +547,23 @@ async def test_workers_recycled_under_load_lose_no_request(tmp_path: Path, capsy
         pytest.skip("wrk is not installed (apt-get install wrk): the recycling test did not run")
     script = tmp_path / "counts.lua"
     script.write_text(WRK_COUNTS)
-    async with Server(tmp_path, MAX_REQUESTS="1000", MAX_REQUESTS_JITTER="100") as server:
+    # A worker stops and another boots about once a second here, while the one left serves the
+    # 64 connections with its 15. On a busy machine a statement can then outlast DB_TIMEOUT (1 s)
+    # and be answered 503, as a starved worker should answer (seen with four CPU hogs beside the
+    # test). Generous limits leave what this test is about: the requests recycling itself might lose.
+    async with Server(
+        tmp_path, MAX_REQUESTS="1000", MAX_REQUESTS_JITTER="100", DB_TIMEOUT="5", DB_POOL_TIMEOUT="5"
+    ) as server:
         boots = worker_boots(server)
         process = await asyncio.create_subprocess_exec(
-            wrk, "-t2", "-c64", "-d30s", "--timeout", "5s", "-s", str(script),
+            wrk, "-t2", "-c64", "-d30s", "--timeout", "15s", "-s", str(script),
             "-H", f"Authorization: Bearer {KEYS[0]}", f"{server.url}{USERS}?limit=1",
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         output = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
         recycled = worker_boots(server) - boots
+        # What the workers said of any answer that was not a 2xx.
+        complaints = [line for line in server.log().splitlines() if '"level": "INFO"' not in line]
     counts = json.loads(output.split("WRK_JSON ", 1)[1].splitlines()[0])
     report(capsys, f"[recycling] {recycled} workers recycled; wrk: {counts}")
 
@@ -549,7 +571,7 @@ async def test_workers_recycled_under_load_lose_no_request(tmp_path: Path, capsy
     assert counts["requests"] > 5_000
     assert {"connect": 0, "read": 0, "write": 0, "timeout": 0, "status": 0} == {
         name: counts[name] for name in ("connect", "read", "write", "timeout", "status")
-    }
+    }, "\n".join(complaints)
 
 
 # --- Production: nothing answered 201 was lost ---------------------------------------------

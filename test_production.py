@@ -21,8 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import URL, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conftest import (
     DEADLINE,
@@ -96,14 +95,12 @@ async def test_start_with_4_workers_on_a_migrated_database_fails_no_worker(tmp_p
         assert failure not in log
 
 
-async def test_start_refuses_when_pools_exceed_max_connections(tmp_path: Path) -> None:
+async def test_start_refuses_when_pools_exceed_max_connections(tmp_path: Path, admin: AsyncEngine) -> None:
     """Gunicorn refuses to start when workers x (pool + overflow + probe) exceeds max_connections; it shows the sum."""
+    # Whatever the server's limit (151 by default; a benchmark may have raised it), one pool over it.
+    async with admin.connect() as conn:
+        limit = await conn.scalar(text("SELECT @@max_connections"))
     async with fresh_database("budget") as url:
-        # Whatever the server's limit (151 by default; a benchmark may have raised it), one pool over it.
-        engine = create_async_engine(url, poolclass=NullPool)
-        async with engine.connect() as conn:
-            limit = await conn.scalar(text("SELECT @@max_connections"))
-        await engine.dispose()
         pool = limit // 4
         server = Server(tmp_path, workers=4, DATABASE_URL=render(url), DB_POOL_SIZE=str(pool))
         returncode = await server.exit_code(within=30)

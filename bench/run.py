@@ -33,6 +33,7 @@ import urllib.request
 from base64 import urlsafe_b64encode
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
@@ -83,13 +84,10 @@ def scenarios(users: int) -> list[dict]:
 # --- Database ------------------------------------------------------------------------------
 
 
-def seed(url: str, users: int) -> None:
-    """Create the database and tables if missing; leave exactly users 1..N, drop earlier runs' creations."""
-    import pymysql
-
+def server_of(url: str) -> dict[str, Any]:
+    """pymysql's arguments for the server of a mysql:// URL, without its database."""
     parts = urlsplit(url)
-    db = parts.path.lstrip("/")
-    connect = dict(
+    return dict(
         host=parts.hostname,
         port=parts.port or 3306,
         user=parts.username,
@@ -97,6 +95,15 @@ def seed(url: str, users: int) -> None:
         charset="utf8mb4",
         autocommit=True,
     )
+
+
+def seed(url: str, users: int) -> None:
+    """Create the database and tables if missing; leave exactly users 1..N, drop earlier runs' creations."""
+    import pymysql
+
+    parts = urlsplit(url)
+    db = parts.path.lstrip("/")
+    connect = server_of(url)
     with pymysql.connect(**connect) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
     # The tables as a deploy makes them: gunicorn refuses to start on a database behind the code.
@@ -135,11 +142,8 @@ def check_connection_budget(url: str | None, workers: int, env: dict[str, str]) 
         return
     import pymysql
 
-    parts = urlsplit(url)
     needed = workers * (int(env["DB_POOL_SIZE"]) + int(env["DB_MAX_OVERFLOW"]) + 1) + 10  # + 10: the seeding, a client
-    server = {"host": parts.hostname, "port": parts.port or 3306, "user": parts.username}
-    server["password"] = parts.password or ""
-    with pymysql.connect(**server) as conn, conn.cursor() as cur:
+    with pymysql.connect(**server_of(url)) as conn, conn.cursor() as cur:
         cur.execute("SELECT @@max_connections")
         (limit,) = cur.fetchone()
     if needed > limit:
